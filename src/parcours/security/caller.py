@@ -1,0 +1,30 @@
+"""Who is calling: the identity every Repository is created for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated principal.
+
+    ``kind`` is ``system`` (automation with a system-scoped token), or a user role:
+    ``patient``, ``practitioner``, ``staff``, ``admin``, ``proxy``.
+    ``fhir_user`` is the FHIR resource the account is linked to (``Patient/1``).
+    ``scopes`` are the granted SMART scopes.
+    """
+
+    kind: str
+    user_id: str | None = None
+    fhir_user: str | None = None
+    scopes: frozenset[str] = field(default_factory=frozenset)
+    display: str = ""
+    address: str | None = None  # network address, for the audit trail
+
+    @property
+    def is_system(self) -> bool:
+        return self.kind == "system"
+
+
+SYSTEM = Caller(kind="system", display="Parcours", scopes=frozenset({"system/*.*"}))

@@ -1,0 +1,30 @@
+"""Who is calling, from the request's credentials."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from parcours.core.errors import Unauthorized
+from parcours.security import tokens
+from parcours.security.caller import Caller
+
+
+def caller_of(request: Request) -> Caller:
+    cached = request.scope.get("parcours.caller")
+    if cached is not None:
+        return cached
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(
+            "Authentication is required: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": 'Bearer realm="parcours"'},
+        )
+    caller = tokens.verify(request.app.state.platform.token_key, token.strip())
+    client = request.client
+    if client:
+        from dataclasses import replace
+
+        caller = replace(caller, address=client.host)
+    request.scope["parcours.caller"] = caller
+    return caller

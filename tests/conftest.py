@@ -1,0 +1,133 @@
+"""Test fixtures: a real PostgreSQL per test session, the app over ASGI and over HTTP.
+
+By default the suite starts an embedded PostgreSQL in a temporary folder; with
+``PARCOURS_TEST_DATABASE_URL`` it creates a fresh database on that server
+instead (and drops it at the end). Tests isolate themselves by unique data
+(``uniq()``), never by cleaning a shared database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import psycopg
+import pytest
+import pytest_asyncio
+
+from parcours.core.settings import Settings
+from parcours.security import tokens
+from parcours.services.platform import Platform
+from parcours.store import db, migrate
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+BASE = "http://testserver"
+
+
+def uniq(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("PARCOURS_TEST_DATABASE_URL")
+    name = f"parcours_test_{uuid.uuid4().hex[:8]}"
+    if external:
+        with psycopg.connect(external, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        uri = urlparse(external)._replace(path="/" + name).geturl()
+        migrate.upgrade(uri)
+        yield uri
+        with psycopg.connect(external, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        return
+    home = tmp_path_factory.mktemp("pg")
+    uri = db.start_embedded(home)
+    migrate.upgrade(uri)
+    yield uri
+
+
+@pytest.fixture(scope="session")
+def settings(pg_uri: str) -> Settings:
+    return Settings(database_url=pg_uri, base_url=BASE, home=Path(os.environ.get("TMPDIR", "/tmp")) / "parcours-test-home")
+
+
+@pytest_asyncio.fixture(scope="session")
+async def platform(settings: Settings) -> AsyncIterator[Platform]:
+    p = await Platform.start(settings)
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="session")
+def system_token(platform: Platform) -> str:
+    return tokens.issue(platform.token_key, subject="test-system", kind="system", scopes=["system/*.*"])
+
+
+@pytest.fixture(scope="session")
+def app(platform: Platform):  # type: ignore[no-untyped-def]
+    from parcours.web.app import create_app
+
+    return create_app(platform.settings, platform=platform)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def client(app, system_token: str) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE, headers={"Authorization": f"Bearer {system_token}"}) as c:
+        yield c
+
+
+@pytest_asyncio.fixture(scope="session")
+async def anon(app) -> AsyncIterator[httpx.AsyncClient]:  # type: ignore[no-untyped-def]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_server(pg_uri: str) -> Iterator[str]:
+    """The platform served over real HTTP by uvicorn in a thread; yields its base URL."""
+    import uvicorn
+
+    from parcours.web.app import create_app
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    s = Settings(database_url=pg_uri, base_url=base)
+    server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("live server did not start")
+        time.sleep(0.05)
+    yield base
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_token(live_server: str, pg_uri: str) -> str:
+    from parcours.services.platform import TOKEN_KEY
+    from parcours.store import secrets
+
+    return tokens.issue(secrets.get_or_create(pg_uri, TOKEN_KEY), subject="test-live", kind="system", scopes=["system/*.*"])
+
+
+__all__ = ["uniq", "FIXTURES", "SHARED", "asyncio"]
