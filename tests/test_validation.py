@@ -28,7 +28,8 @@ def load(name: str) -> Any:
 
 def synthea(resource_type: str, index: int = 0) -> dict:
     """A fresh copy of a real Synthea resource from the fixture bundle."""
-    found = [e["resource"] for e in load("synthea-sample.json")["entry"] if e["resource"]["resourceType"] == resource_type]
+    entries = load("synthea-sample.json")["entry"]
+    found = [e["resource"] for e in entries if e["resource"]["resourceType"] == resource_type]
     return copy.deepcopy(found[index])
 
 
@@ -162,7 +163,7 @@ def test_bad_gender() -> None:
     issues = validate_resource(patient)
     assert len(issues) == 1
     issue = assert_one(issues, "code-invalid", "Patient.gender")
-    assert "'M'" in issue.diagnostics and "female" in issue.diagnostics
+    assert '"M"' in issue.diagnostics and "female" in issue.diagnostics
 
 
 def test_bad_birth_date() -> None:
@@ -478,7 +479,7 @@ def test_primitive_extension_paths_use_the_element_name() -> None:
 GARBAGE: list[Any] = [None, 0, 1.5, True, "x", "", [], {}, [None], [1, "a"], {"a": 1}, [{}], {"resourceType": 1}]
 
 
-@pytest.mark.parametrize("resource", GARBAGE + [[{"resourceType": "Patient"}], "Patient"])
+@pytest.mark.parametrize("resource", [*GARBAGE, [{"resourceType": "Patient"}], "Patient"])
 def test_garbage_top_level(resource: Any) -> None:
     issues = validate_resource(resource)  # type: ignore[arg-type]
     assert issues and all(isinstance(i, Issue) for i in issues)

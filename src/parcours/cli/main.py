@@ -69,6 +69,11 @@ def token(
     print(tokens.issue(key, subject="system", kind="system", scopes=scope.split(), lifetime_s=lifetime))
 
 
+from parcours.cli import audit_cmd  # noqa: E402
+
+app.add_typer(audit_cmd.app, name="audit")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

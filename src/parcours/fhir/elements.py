@@ -13,7 +13,7 @@ are shared with the input, so callers must not mutate them in place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -40,7 +40,7 @@ class _TypeInfo:
     names: frozenset[str]  # every top-level JSON name
 
 
-@lru_cache(maxsize=None)
+@cache
 def _info(resource_type: str) -> _TypeInfo | None:
     try:
         model = get_fhir_model_class(resource_type)
@@ -53,7 +53,7 @@ def _info(resource_type: str) -> _TypeInfo | None:
     choices: dict[str, set[str]] = {}
     names: set[str] = set()
     for attr, field in model.model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        extra: dict[str, Any] = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if attr.endswith("__ext") or not extra.get("element_property"):
             continue
         name = field.alias or attr
@@ -86,7 +86,7 @@ def summary_elements(resource_type: str) -> frozenset[str]:
     return _ALWAYS | info.summary if info is not None else _ALWAYS
 
 
-def apply_summary(resource: dict, mode: str) -> dict:
+def apply_summary(resource: dict[str, Any], mode: str) -> dict[str, Any]:
     """Apply ``_summary=<mode>`` to one resource and return a new dict.
 
     ``true`` keeps the summary elements; ``text`` keeps ``text``, ``id``, ``meta``
@@ -111,7 +111,7 @@ def apply_summary(resource: dict, mode: str) -> dict:
     return _subset(resource, keep.__contains__)
 
 
-def apply_elements(resource: dict, elements: list[str]) -> dict:
+def apply_elements(resource: dict[str, Any], elements: list[str]) -> dict[str, Any]:
     """Apply ``_elements=<names>`` to one resource and return a new dict.
 
     Names are top-level elements; a choice name such as ``deceased`` keeps every
@@ -135,9 +135,9 @@ def apply_elements(resource: dict, elements: list[str]) -> dict:
     return _subset(resource, keep.__contains__)
 
 
-def _subset(resource: dict, wanted: Any) -> dict:
+def _subset(resource: dict[str, Any], wanted: Any) -> dict[str, Any]:
     """Copy the wanted top-level elements (with their ``_x`` extension siblings)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     removed = False
     for key, value in resource.items():
         base = key[1:] if isinstance(key, str) and key.startswith("_") else key
@@ -150,7 +150,7 @@ def _subset(resource: dict, wanted: Any) -> dict:
     return out
 
 
-def _tag_subsetted(out: dict) -> None:
+def _tag_subsetted(out: dict[str, Any]) -> None:
     meta = out.get("meta")
     meta = dict(meta) if isinstance(meta, dict) else {}
     tags = meta.get("tag")
@@ -163,7 +163,7 @@ def _tag_subsetted(out: dict) -> None:
     meta["tag"] = tags
     out["meta"] = meta
     # Keep resourceType, id and meta at the top, as FHIR JSON writers do.
-    ordered = {k: out[k] for k in ("resourceType", "id", "meta") if k in out}
+    ordered: dict[str, Any] = {k: out[k] for k in ("resourceType", "id", "meta") if k in out}
     ordered.update((k, v) for k, v in out.items() if k not in ordered)
     out.clear()
     out.update(ordered)

@@ -22,11 +22,12 @@ such as ``Patient.name[0].given[1]``.
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -234,7 +235,7 @@ def resource_types() -> frozenset[str]:
     return _VALIDATABLE_TYPES
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(name: str) -> Model:
     """An R4B model class by name (resource, data type or backbone element)."""
     return get_fhir_model_class(name)
@@ -258,7 +259,7 @@ def _meta(model: Model) -> _Meta:
     choices: dict[str, list[str]] = {}
     required_choices: list[str] = []
     for attr, info in model.model_fields.items():
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        extra: dict[str, Any] = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         json_name = info.alias or attr
         if attr.endswith("__ext"):
             continue  # handled together with its primitive below
@@ -278,8 +279,11 @@ def _meta(model: Model) -> _Meta:
         enum: frozenset[str] | None = None
         if enum_values:
             override = _ENUM_OVERRIDES.get((model.__name__, json_name))
-            values = override or [v for v in enum_values if v != "+"]
-            enum = frozenset(values) if override or "+" not in enum_values else None
+            if override:
+                enum = frozenset(override)
+            elif "+" not in enum_values:
+                enum = frozenset(enum_values)
+            # else: a truncated list without a known full value set is not enforced
         ref_list = extra.get("enum_reference_types")
         ref_types = frozenset(ref_list) if ref_list and "Resource" not in ref_list else None
         choice = extra.get("one_of_many") or None
@@ -307,7 +311,11 @@ def _meta(model: Model) -> _Meta:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    """A value as JSON for messages (clients sent JSON), cut to ``limit`` characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (ValueError, TypeError, RecursionError):
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -342,7 +350,7 @@ class _Walker:
     def add(self, code: str, message: str, path: str) -> None:
         self.issues.append(Issue(code, message, expression=(path,)))
 
-    def resource(self, data: dict, path: str, klass: Model) -> None:
+    def resource(self, data: dict[str, Any], path: str, klass: Model) -> None:
         contained: dict[str, str] = {}
         items = data.get("contained")
         if isinstance(items, list):
@@ -351,7 +359,7 @@ class _Walker:
                     contained[item["id"]] = str(item.get("resourceType"))
         self.element(data, path, _meta(klass), contained)
 
-    def element(self, data: dict, path: str, meta: _Meta, contained: dict[str, str]) -> None:
+    def element(self, data: dict[str, Any], path: str, meta: _Meta, contained: dict[str, str]) -> None:
         fields = meta.fields
         chosen: dict[str, set[str]] | None = None  # choice prefix -> JSON names present
         for key, value in data.items():
@@ -392,7 +400,7 @@ class _Walker:
         if meta.required or meta.required_choices or chosen:
             self.required(data, path, meta, chosen or {})
 
-    def required(self, data: dict, path: str, meta: _Meta, chosen: dict[str, set[str]]) -> None:
+    def required(self, data: dict[str, Any], path: str, meta: _Meta, chosen: dict[str, set[str]]) -> None:
         for name in meta.required:
             if data.get(name) is None and not _has_extension(data.get("_" + name)):
                 self.add("required", f"Missing required element '{name}'", f"{path}.{name}")
@@ -454,12 +462,11 @@ class _Walker:
             return
         enum = field.enum
         if enum is not None and isinstance(value, str) and value not in enum:
-            allowed = ", ".join(sorted(enum))
+            codes = sorted(enum)
+            allowed = ", ".join(codes) if len(codes) <= 20 else ", ".join(codes[:20]) + f", ... ({len(codes)} codes)"
             self.add("code-invalid", f"Unknown code {_short(value)} for '{field.name}'; allowed: {allowed}", path)
 
-    def reference(
-        self, ref: Any, allowed: frozenset[str] | None, path: str, contained: dict[str, str]
-    ) -> None:
+    def reference(self, ref: Any, allowed: frozenset[str] | None, path: str, contained: dict[str, str]) -> None:
         if not isinstance(ref, str):
             return  # absent (identifier-only reference) or a type error pydantic reports
         target: str | None = None
@@ -587,7 +594,7 @@ def _resource_meta(node: Any) -> _Meta | None:
     return _meta(klass) if klass is not None else None
 
 
-def _issue_from_error(error: Any, data: dict, klass: Model, root: str) -> Issue | None:
+def _issue_from_error(error: Any, data: dict[str, Any], klass: Model, root: str) -> Issue | None:
     etype: str = error.get("type", "")
     loc: tuple[Any, ...] = tuple(error.get("loc", ()))
     msg: str = str(error.get("msg", ""))
@@ -605,17 +612,13 @@ def _issue_from_error(error: Any, data: dict, klass: Model, root: str) -> Issue 
             return None  # the walk reports the null with its index
         return Issue("structure", f"Element '{key}' must be an array, not {_json_type(given)}", expression=(path,))
     if etype in ("model_type", "dict_type", "model_attributes_type", "json_invalid", "json_type", "is_instance_of"):
-        return Issue(
-            "structure", f"Element '{key}' must be a JSON object, not {_json_type(given)}", expression=(path,)
-        )
+        return Issue("structure", f"Element '{key}' must be a JSON object, not {_json_type(given)}", expression=(path,))
     if etype in ("fhir-validation-wrong-resource-type", "model_validation_format"):
         return Issue("invalid", f"Wrong resource type at '{key}': {msg}", expression=(path,))
     field = _field_at(loc, data, klass)
     prim = field.prim if field is not None else None
     if etype == "string_type":
-        return Issue(
-            "value", f"Element '{key}' must be a JSON string, not {_json_type(given)}", expression=(path,)
-        )
+        return Issue("value", f"Element '{key}' must be a JSON string, not {_json_type(given)}", expression=(path,))
     if etype in ("bool_type", "bool_parsing"):
         return Issue("value", f"Element '{key}' must be true or false, not {_short(given)}", expression=(path,))
     if etype.startswith(("int_", "float_", "decimal_")) and etype not in ("decimal_whole_digits",):
@@ -633,7 +636,7 @@ def _issue_from_error(error: Any, data: dict, klass: Model, root: str) -> Issue 
 # ------------------------------------------------------------------------- public
 
 
-def validate_resource(resource: dict, *, expected_type: str | None = None) -> list[Issue]:
+def validate_resource(resource: dict[str, Any], *, expected_type: str | None = None) -> list[Issue]:
     """Return the problems of ``resource`` (parsed JSON); ``[]`` when it is valid.
 
     ``expected_type`` is the type the caller requires, e.g. from the URL of a
@@ -648,7 +651,7 @@ def validate_resource(resource: dict, *, expected_type: str | None = None) -> li
         return [Issue("invalid", f"resourceType must be a non-empty string, not {_short(rtype)}",
                       expression=("resourceType",))]  # fmt: skip
     if rtype not in resource_types():
-        return [Issue("not-supported", f"Unknown resource type '{_short(rtype, 80)[1:-1]}'",
+        return [Issue("not-supported", f"Unknown resource type {_short(rtype, 80)}",
                       expression=("resourceType",))]  # fmt: skip
     if expected_type is not None and rtype != expected_type:
         return [Issue("invalid", f"Expected resourceType '{expected_type}' but got '{rtype}'",
