@@ -9,7 +9,7 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 export PARCOURS_HOME ?= $(CURDIR)/var
 
-.PHONY: install demo test bench lint serve clean browsers
+.PHONY: install demo test bench lint serve clean browsers assets
 
 install: $(STAMP)
 
@@ -27,21 +27,47 @@ browsers:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	fi
 
+# Front-end files from the npm registry (package.json, package-lock.json): htmx is copied into
+# the package's static files; axe-core stays in node_modules for the accessibility tests.
+HTMX := src/parcours/web/static/vendor/htmx.min.js
+NPM_STAMP := node_modules/.installed
+
+assets: $(HTMX)
+
+$(NPM_STAMP): package.json package-lock.json
+	@if ! command -v npm >/dev/null; then \
+		echo "Installing Debian's npm for the front-end assets"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq npm >/dev/null; \
+	fi
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(HTMX): $(NPM_STAMP)
+	mkdir -p $(dir $@)
+	cp node_modules/htmx.org/dist/htmx.min.js $@
+
 lint: install
 	$(VENV)/bin/lint-imports
 
-test: install browsers
+test: install browsers assets
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -p no:cacheprovider
 
-demo: install
+demo: install assets
 	$(VENV)/bin/parcours demo --host $(HOST) --port $(PORT)
 
 serve: install
 	$(VENV)/bin/parcours serve --host $(HOST) --port $(PORT)
 
 bench: install
+	@if ! command -v wrk >/dev/null; then \
+		echo "Installing Debian's wrk (HTTP load generator for the read/search benchmarks)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null \
+			|| echo "wrk could not be installed: bench/run.py will skip the wrk part"; \
+	fi
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) var build *.egg-info node_modules $(HTMX)

@@ -31,6 +31,8 @@ from parcours.store import db, migrate
 FIXTURES = Path(__file__).parent / "fixtures"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BASE = "http://testserver"
+# Every process of the test session retries rest-hooks quickly and gives up soon.
+FAST_SUBSCRIPTIONS = {"subscription_retry_seconds": 0.2, "subscription_max_attempts": 3, "subscription_timeout_seconds": 5.0}
 
 
 def uniq(prefix: str = "t") -> str:
@@ -58,7 +60,8 @@ def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(pg_uri: str) -> Settings:
-    return Settings(database_url=pg_uri, base_url=BASE, home=Path(os.environ.get("TMPDIR", "/tmp")) / "parcours-test-home")
+    return Settings(database_url=pg_uri, base_url=BASE, home=Path(os.environ.get("TMPDIR", "/tmp")) / "parcours-test-home",
+                    **FAST_SUBSCRIPTIONS)
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -100,7 +103,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def live_server(pg_uri: str) -> Iterator[str]:
+def live_server(pg_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The platform served over real HTTP by uvicorn in a thread; yields its base URL."""
     import uvicorn
 
@@ -108,7 +111,8 @@ def live_server(pg_uri: str) -> Iterator[str]:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    s = Settings(database_url=pg_uri, base_url=base)
+    # Its own home: files it writes (bulk export output) stay out of ./var.
+    s = Settings(database_url=pg_uri, base_url=base, home=tmp_path_factory.mktemp("live-home"), **FAST_SUBSCRIPTIONS)
     server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -34,8 +34,19 @@ def serve(
     uri = db.libpq_url(settings)  # starts the embedded server once, for all workers
     migrate.upgrade(uri)
     console.print(f"[bold green]Parcours[/] on http://{host}:{port}  (FHIR base http://{host}:{port}/fhir, database {db.describe(uri)})")
+    if os.environ.get("PARCOURS_HTTP_SERVER", "uvicorn") == "granian":  # for comparisons (bench/run.py)
+        _serve_granian(host, port, workers, log_level)
+        return
     uvicorn.run("parcours.web.asgi:app", host=host, port=port, workers=workers, log_level=log_level,
                 loop="uvloop", http="httptools", access_log=False, lifespan="on")
+
+
+def _serve_granian(host: str, port: int, workers: int, log_level: str) -> None:
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, Loops
+
+    Granian("parcours.web.asgi:app", address=host, port=port, interface=Interfaces.ASGI, workers=workers,
+            loop=Loops.uvloop, http=HTTPModes.http1, log_level=log_level, log_access=False).serve()
 
 
 @app.command("migrate")
@@ -50,7 +61,7 @@ def migrate_cmd() -> None:
 
 @app.command()
 def token(
-    scope: Annotated[str, typer.Option(help="Space-separated scopes, e.g. 'system/*.*'")] = "system/*.*",
+    scope: Annotated[str | None, typer.Option(help="Space-separated scopes (default: 'system/*.*', or the user's role scopes)")] = None,
     user: Annotated[str | None, typer.Option(help="E-mail of the user the token is for")] = None,
     lifetime: Annotated[int, typer.Option(help="Lifetime in seconds")] = 3600 * 24,
 ) -> None:
@@ -64,15 +75,40 @@ def token(
     migrate.upgrade(uri)
     key = settings.secret_key or secrets.get_or_create(uri, TOKEN_KEY)
     if user:
-        console.print("[red]User accounts are not available yet: use --scope with a system scope.[/]")
-        raise typer.Exit(2)
-    print(tokens.issue(key, subject="system", kind="system", scopes=scope.split(), lifetime_s=lifetime))
+        from parcours.cli import users
+
+        print(users.user_token(settings, user, scope.split() if scope else None, lifetime))
+        return
+    print(tokens.issue(key, subject="system", kind="system", scopes=(scope or "system/*.*").split(), lifetime_s=lifetime))
 
 
 from parcours.cli import audit_cmd  # noqa: E402
 
 app.add_typer(audit_cmd.app, name="audit")
 
+from parcours.cli import users  # noqa: E402
+
+app.add_typer(users.app, name="user")
+
+from parcours.cli import import_cmd  # noqa: E402
+
+app.command("import")(import_cmd.import_files)
+
+from parcours.cli import directory_cmd  # noqa: E402
+
+app.add_typer(directory_cmd.app, name="directory")
+app.add_typer(directory_cmd.demo_app, name="demo-data")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Jobs this process runs at once")] = 1,
+    once: Annotated[bool, typer.Option(help="Run the jobs waiting now, then exit")] = False,
+) -> None:
+    """Run bulk $export jobs beside the servers (which run them too); workers on any node share the queue."""
+    from parcours.services import export
+
+    asyncio.run(export.serve_workers(Settings(), concurrency=concurrency, once=once))
 
 def main() -> None:  # pragma: no cover
     app()

@@ -66,10 +66,10 @@ MethodNotAllowed = _kind("MethodNotAllowed", 405, "PRC-1450", "not-supported")
 NotAcceptable = _kind("NotAcceptable", 406, "PRC-1406", "not-supported")
 Conflict = _kind("Conflict", 409, "PRC-1490", "conflict")
 PreconditionFailed = _kind("PreconditionFailed", 412, "PRC-1412", "conflict")
-MultipleMatches = _kind("MultipleMatches", 412, "PRC-1413", "multiple-matches")
+MultipleMatches = _kind("MultipleMatches", 412, "PRC-1414", "multiple-matches")
 TooLarge = _kind("TooLarge", 413, "PRC-1413", "too-costly")
 UnsupportedMedia = _kind("UnsupportedMedia", 415, "PRC-1415", "not-supported")
-Unprocessable = _kind("Unprocessable", 422, "PRC-1422", "invariant")
+Unprocessable = _kind("Unprocessable", 422, "PRC-1423", "processing")
 NotImplementedFeature = _kind("NotImplementedFeature", 501, "PRC-1501", "not-supported")
 
 

@@ -31,6 +31,25 @@ class Settings(BaseSettings):
     log_json: bool = False
     # Secret used to sign tokens; generated into $PARCOURS_HOME when not given.
     secret_key: str | None = None
+    # Web sessions: signed out after this long without a request, and this long after sign-in whatever happens.
+    session_idle_minutes: int = 30
+    session_absolute_minutes: int = 12 * 60
+    # Sign-in throttling: this many failures within the window locks the account (or the address) for a while.
+    signin_window_minutes: int = 15
+    signin_max_failures_account: int = 5
+    signin_max_failures_ip: int = 50
+    signin_lockout_minutes: int = 15
+    password_min_length: int = 12
+    # Bulk $export: every server process also runs export jobs unless this is off
+    # (then run `parcours worker`); NDJSON files are split after this many resources.
+    export_worker: bool = True
+    export_file_lines: int = 50_000
+    # Subscriptions (rest-hook): the first retry comes after this many seconds, then
+    # twice as long each time (at most an hour); after the last attempt the
+    # Subscription goes to status error.
+    subscription_retry_seconds: float = 5.0
+    subscription_max_attempts: int = 8
+    subscription_timeout_seconds: float = 10.0
 
     @property
     def fhir_base(self) -> str:

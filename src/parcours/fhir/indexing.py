@@ -17,6 +17,7 @@ Encodings (read by the search compiler in ``parcours.store.search``):
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ def _date_ranges(value: Any) -> Iterator[tuple[datetime | None, datetime | None]
             lo = parse_date_range(value["start"])[0] if isinstance(value.get("start"), str) and parse_date_range(value["start"]) else None
             end = parse_date_range(value["end"]) if isinstance(value.get("end"), str) else None
             yield lo or MIN_DT, end[1] if end else MAX_DT
-        elif "event" in value:  # Timing
+        elif "event" in value or "repeat" in value:  # Timing: events and the repeat bounds
             for e in value.get("event") or []:
                 if isinstance(e, str) and (r := parse_date_range(e)):
                     yield r
@@ -185,10 +186,12 @@ def _quantity_rows(code: str, value: Any) -> Iterator[SideRow]:
         if d is not None:
             yield (code, None, None, None, None, d, d, None, None)
     elif isinstance(value, dict):
-        if "low" in value or "high" in value:  # Range
+        if "low" in value or "high" in value:  # Range: a missing end is unbounded
             low, high = value.get("low") or {}, value.get("high") or {}
             lo = parse_decimal(low.get("value")) if "value" in low else None
             hi = parse_decimal(high.get("value")) if "value" in high else None
+            lo = Decimal("-Infinity") if lo is None else lo
+            hi = Decimal("Infinity") if hi is None else hi
             q = low or high
             yield (code, None, None, None, None, lo, hi, q.get("system"), q.get("code") or q.get("unit"))
         elif "value" in value:
@@ -350,7 +353,7 @@ def index_resource(resource: dict, registry: Registry, base_url: str | None = No
     iv.compartments = list(dict.fromkeys(iv.compartments))
     div = (resource.get("text") or {}).get("div") if isinstance(resource.get("text"), dict) else None
     if isinstance(div, str):
-        iv.narrative = _TAG_RE.sub(" ", div)
+        iv.narrative = html.unescape(_TAG_RE.sub(" ", div))  # &eacute; -> é before the text search
     parts: list[str] = []
     _collect_text({k: v for k, v in resource.items() if k != "text"}, parts)
     iv.content = " ".join(parts)

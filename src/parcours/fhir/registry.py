@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 
@@ -177,7 +177,11 @@ class Registry:
     by_type: dict[str, dict[str, SearchParam]] = field(default_factory=dict)
     patient_compartment: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
+    common: dict[str, SearchParam] = field(default_factory=dict)  # parameters of every type
+
     def get(self, resource_type: str, code: str) -> SearchParam | None:
+        if resource_type == "Resource":
+            return self.common.get(code)
         return self.by_type.get(resource_type, {}).get(code)
 
     def params(self, resource_type: str) -> dict[str, SearchParam]:
@@ -231,6 +235,10 @@ def _build(raw: dict) -> Registry:
                 code=row["code"], type=row["type"], resource_type=rtype, expression=row["expression"],
                 url=row["url"], paths=tuple(paths), targets=tuple(row.get("target", [])), components=comps,
             )
+        if any(b in ("Resource", "DomainResource") for b in bases) and applies and row["code"] in reg.by_type[applies[0]]:
+            # Whole-system searches (``GET /fhir?_tag=...``) resolve the common
+            # parameters under the pseudo type "Resource" (not a resource type).
+            reg.common[row["code"]] = replace(reg.by_type[applies[0]][row["code"]], resource_type="Resource")
     reg.patient_compartment = {k: tuple(v) for k, v in raw.get("patientCompartment", {}).items()}
     return reg
 

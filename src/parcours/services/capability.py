@@ -1,18 +1,53 @@
-"""The CapabilityStatement, generated from what the server really supports."""
+"""The CapabilityStatement, generated from what the server really supports.
+
+Interactions, operations and conditional support are those the FHIR router and
+the Repository implement; search parameters, includes and revincludes come from
+the search-parameter registry that the indexer and the search compiler read.
+"""
 
 from __future__ import annotations
 
 from functools import cache
 from typing import Any
 
+import orjson
+
 import parcours
 from parcours.fhir.registry import Registry
 
+# What /fhir/{type} and /fhir/{type}/{id} answer (web/fhir.py routes).
 INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
+SYSTEM_INTERACTIONS = ["transaction", "batch", "search-system", "history-system"]
+RESULT_PARAMS = [
+    ("_count", "number", "Page size"),
+    ("_offset", "number", "Index of the first match to return"),
+    ("_sort", "string", "Sort order: comma-separated parameter codes, '-' for descending"),
+    ("_include", "special", "Add the resources the matches reference (:iterate supported)"),
+    ("_revinclude", "special", "Add the resources that reference the matches (:iterate supported)"),
+    ("_summary", "token", "true | text | data | count | false"),
+    ("_elements", "string", "Return only these elements"),
+    ("_total", "token", "none | estimate | accurate"),
+]
+VALIDATE = {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
+EVERYTHING = {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}
+
+
+@cache
+def _revincludes(reg: Registry) -> dict[str, list[str]]:
+    """For each type, the ``Source:param`` references that can point at it."""
+    out: dict[str, set[str]] = {}
+    for source in reg.resource_types:
+        for sp in reg.params(source).values():
+            if sp.type != "reference":
+                continue
+            for target in sp.targets or reg.resource_types:
+                out.setdefault(target, set()).add(f"{source}:{sp.code}")
+    return {k: sorted(v) for k, v in out.items()}
 
 
 @cache
 def _resources(reg: Registry) -> list[dict[str, Any]]:
+    revs = _revincludes(reg)
     out = []
     for rtype in reg.resource_types:
         params = [
@@ -32,44 +67,54 @@ def _resources(reg: Registry) -> list[dict[str, Any]]:
             "readHistory": True,
             "updateCreate": True,
             "conditionalCreate": True,
-            "conditionalRead": "not-supported",
+            # If-None-Match and If-Modified-Since on read.
+            "conditionalRead": "full-support",
             "conditionalUpdate": True,
+            # Several matches are a 412 unless the client opts in (Prefer: handling=multiple).
             "conditionalDelete": "multiple",
             "referencePolicy": ["literal", "logical", "local"],
-            "searchInclude": sorted({f"{rtype}:{sp.code}" for sp in reg.params(rtype).values() if sp.type == "reference"}),
-            "searchRevInclude": [],
+            "searchInclude": ["*"] + sorted({f"{rtype}:{sp.code}" for sp in reg.params(rtype).values() if sp.type == "reference"}),
+            "searchRevInclude": revs.get(rtype, []),
             "searchParam": params,
+            "operation": [EVERYTHING, VALIDATE] if rtype == "Patient" else [VALIDATE],
         }
-        if rtype == "Patient":
-            entry["operation"] = [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]
         out.append(entry)
     return out
 
 
-def capability_statement(platform: Any) -> dict[str, Any]:
-    reg: Registry = platform.registry
-    return {
+@cache
+def _statement(reg: Registry, fhir_base: str) -> bytes:
+    return orjson.dumps({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2026-11-25",
         "publisher": "Parcours",
         "kind": "instance",
         "software": {"name": "Parcours", "version": parcours.__version__},
-        "implementation": {"description": "Parcours FHIR R4 server", "url": platform.settings.fhir_base},
+        "implementation": {"description": "Parcours FHIR R4 server", "url": fhir_base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "patchFormat": ["application/json-patch+json"],
+        "patchFormat": ["application/json-patch+json", "application/merge-patch+json"],
         "rest": [
             {
                 "mode": "server",
-                "security": {"cors": True, "description": "Bearer tokens (SMART on FHIR scopes)"},
+                "documentation": (
+                    "Conditional delete removes several matches only when asked with 'Prefer: handling=multiple'; "
+                    "otherwise several matches are a 412. PATCH takes JSON Patch (and JSON Merge Patch); "
+                    "FHIRPath Patch is not supported."
+                ),
+                "security": {"cors": False, "description": "Bearer tokens (SMART on FHIR scopes) on every call but /metadata"},
                 "resource": _resources(reg),
-                "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "search-system"}, {"code": "history-system"}],
+                "interaction": [{"code": c} for c in SYSTEM_INTERACTIONS],
                 "searchParam": [
                     {"name": "_id", "type": "token"}, {"name": "_lastUpdated", "type": "date"},
                     {"name": "_type", "type": "token"},
-                ],
-                "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+                ] + [{"name": n, "type": t, "documentation": d} for n, t, d in RESULT_PARAMS],
             }
         ],
-    }
+    })
+
+
+def capability_statement(platform: Any) -> bytes:
+    """The statement as JSON bytes (built once per registry and base URL)."""
+    return _statement(platform.registry, platform.settings.fhir_base)

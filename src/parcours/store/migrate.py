@@ -29,7 +29,9 @@ def upgrade(uri: str) -> None:
             try:
                 cfg = alembic_config()
                 cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+                # "heads": features developed side by side add revisions on separate
+                # branches (each touching its own tables); all of them apply.
+                command.upgrade(cfg, "heads")
                 conn.commit()
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})

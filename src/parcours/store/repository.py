@@ -8,20 +8,23 @@ compiled once per resource type and run by psycopg, in pipeline mode for writes.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from psycopg import AsyncConnection
 from sqlalchemy import delete as sa_delete
-from sqlalchemy import bindparam, func, insert, literal_column, select, text, update
+from sqlalchemy import bindparam, func, insert, literal_column, select, text, tuple_, update
 from sqlalchemy import Text, and_, any_, literal
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from parcours.core.clock import Clock
 from parcours.core.errors import (
+    BadRequest,
     Conflict,
     Forbidden,
     Gone,
@@ -31,6 +34,7 @@ from parcours.core.errors import (
     NotFound,
     PreconditionFailed,
     UnknownType,
+    Unprocessable,
 )
 from parcours.core.ids import is_valid_id, new_id
 from parcours.fhir.indexing import IndexValues, index_resource
@@ -42,6 +46,9 @@ from parcours.security.policy import decide
 from parcours.store.schema import TS_CONFIG, resource_log, tables
 from parcours.store.search import Compiler
 from parcours.store.sql import compile_stmt
+
+if TYPE_CHECKING:
+    from parcours.store.bulk import BulkWriter
 
 MAX_FTS_CHARS = 200_000
 
@@ -57,6 +64,7 @@ class Stored:
     content: str | None  # None when the version is a deletion
     deleted: bool = False
     refs: list[str] = field(default_factory=list)
+    method: str | None = None  # history: POST, PUT, PATCH or DELETE
 
     def resource(self) -> dict:
         assert self.content is not None
@@ -85,6 +93,20 @@ class WriteResult:
 
 def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def render_version(rtype: str, rid: str, resource: dict, version: int, now: datetime) -> tuple[dict, str]:
+    """The resource as stored for one version, and its JSON text exactly as served
+    (shared with the bulk path, ``parcours.store.bulk``)."""
+    resource = dict(resource)
+    resource["id"] = rid
+    meta = dict(resource.get("meta") or {})
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = _iso(now)
+    resource["meta"] = meta
+    # resourceType first, as people read it.
+    ordered = {"resourceType": rtype, **{k: v for k, v in resource.items() if k != "resourceType"}}
+    return ordered, orjson.dumps(ordered).decode()
 
 
 @cache
@@ -173,7 +195,7 @@ class Repository:
 
     async def vread(self, rtype: str, rid: str, vid: str) -> Stored:
         self.authorize("vread", rtype)
-        if not vid.isdigit():
+        if not re.fullmatch(r"[0-9]{1,9}", vid):  # versions are int4: anything else names none
             raise NotFound(f"{rtype}/{rid} has no version {vid!r}")
         cur = await self.conn.execute(_stmts(rtype)["vread"], {"id": rid, "vid": int(vid)})
         row = await cur.fetchone()
@@ -185,18 +207,36 @@ class Repository:
 
     # -- writes ---------------------------------------------------------------------------
     def prepare(self, rtype: str, resource: Any) -> dict:
-        """Check a resource body before any write; raise InvalidResource with every issue."""
-        if not isinstance(resource, dict):
-            raise InvalidResource([_issue("structure", "The body must be a JSON object holding a FHIR resource")])
-        if resource.get("resourceType") != rtype:
-            raise InvalidResource([_issue("invalid", f"resourceType must be {rtype!r}, got {resource.get('resourceType')!r}", "resourceType")])
+        """Check a resource body before any write.
+
+        400 when the body is not a resource of ``rtype`` at all (R4 3.1.0.3: could not
+        be parsed or fails basic rules); 422 with one issue per problem when it is one
+        but does not validate.
+        """
+        self._check_shape(rtype, resource)
         issues = validate_resource(resource, expected_type=rtype)
         if issues:
             raise InvalidResource(issues)
         return resource
 
+    def _check_shape(self, rtype: str, resource: Any) -> None:
+        if not isinstance(resource, dict):
+            msg = "The body must be a JSON object holding a FHIR resource"
+            raise BadRequest(msg, [_issue("structure", msg)])
+        if resource.get("resourceType") != rtype:
+            msg = f"resourceType must be {rtype!r}, got {resource.get('resourceType')!r}"
+            raise BadRequest(msg, [_issue("invalid", msg, "resourceType")])
+
     async def create(self, rtype: str, resource: dict, *, if_none_exist: str | None = None, rid: str | None = None) -> WriteResult:
+        """Create a resource; ``rid`` is for Bundles, which assign ids before writing.
+
+        An ``id`` in the body is ignored (R4 3.1.0.8): the server assigns the id. With
+        ``if_none_exist`` (conditional create) one match is returned as it is and
+        several matches are a 412.
+        """
         self.authorize("create", rtype)
+        if isinstance(resource, dict) and "id" in resource:
+            resource = {k: v for k, v in resource.items() if k != "id"}
         resource = self.prepare(rtype, resource)
         if if_none_exist:
             existing = await self._conditional_match(rtype, if_none_exist, "create")
@@ -207,62 +247,98 @@ class Repository:
         return WriteResult(stored, created=True)
 
     async def update(self, rtype: str, rid: str, resource: dict, *, if_match: str | None = None) -> WriteResult:
+        """Update, or create with the client's id (update as create, also after a delete).
+
+        The body id must equal the URL id (400 otherwise, R4 3.1.0.4); ``if_match``
+        (an ETag such as ``W/"3"``) makes the update version-aware: 412 when stale.
+        """
         self.authorize("update", rtype)
+        expected = _parse_etag(if_match)
         if not is_valid_id(rid):
-            raise InvalidResource([_issue("value", f"Invalid id {rid!r}", "id")])
-        resource = self.prepare(rtype, resource)
+            raise BadRequest(f"Invalid id {rid!r}", [_issue("value", f"Invalid id {rid!r}: 1 to 64 of A-Z a-z 0-9 - .", f"{rtype}.id")])
+        self._check_shape(rtype, resource)
         if resource.get("id") != rid:
-            raise InvalidResource([_issue("invalid", f"The resource id ({resource.get('id')!r}) must match the URL id ({rid!r})", f"{rtype}.id")])
-        cur = await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})
-        row = await cur.fetchone()
-        expected = _parse_etag(if_match) if if_match else None
+            msg = (f"The resource has no id; an update needs the id {rid!r} of the URL in the body" if resource.get("id") is None
+                   else f"The resource id ({resource.get('id')!r}) must match the URL id ({rid!r})")
+            raise BadRequest(msg, [_issue("invalid", msg, f"{rtype}.id")])
+        resource = self.prepare(rtype, resource)
+        s = _stmts(rtype)
+        row = await (await self.conn.execute(s["lock"], {"id": rid})).fetchone()
         if row is None:
             if expected is not None:
-                raise PreconditionFailed(f"{rtype}/{rid} does not exist, so it cannot be at version {expected}")
+                raise PreconditionFailed(f"{rtype}/{rid} does not exist, so it cannot match If-Match {if_match}")
+            # Two creates of one new id: the second waits here, then updates what the first wrote.
             await self._lock_key(f"{rtype}/{rid}")
-            cur = await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})
-            row = await cur.fetchone()
+            row = await (await self.conn.execute(s["lock"], {"id": rid})).fetchone()
             if row is None:
                 stored = await self._write(rtype, rid, resource, version=1, method="PUT", insert=True)
                 return WriteResult(stored, created=True)
-        current_version = row[0]
-        if expected is not None and expected != current_version:
-            raise PreconditionFailed(f"{rtype}/{rid} is at version {current_version}, not {expected}: reload it and try again")
+        current_version, deleted = row[0], row[1]
+        _check_version(rtype, rid, expected, current_version, deleted)
         stored = await self._write(rtype, rid, resource, version=current_version + 1, method="PUT", insert=False)
-        return WriteResult(stored, created=False)
+        # Writing over a deletion brings the resource back: that is a creation.
+        return WriteResult(stored, created=bool(deleted))
 
-    async def patch(self, rtype: str, rid: str, operations: Any, *, if_match: str | None = None) -> WriteResult:
+    async def patch(self, rtype: str, rid: str, patch: Any, *, if_match: str | None = None, merge: bool = False) -> WriteResult:
+        """Apply a JSON Patch (RFC 6902: a list of operations) or, with ``merge``, a
+        JSON Merge Patch (RFC 7386: an object), then validate and store the result.
+
+        A malformed patch document is a 400; a patch that cannot be applied (missing
+        path, failed ``test``) or that gives an invalid resource is a 422.
+        """
         import jsonpatch
+        import jsonpointer
 
         self.authorize("patch", rtype)
-        cur = await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})
-        row = await cur.fetchone()
+        expected = _parse_etag(if_match)
+        ops: Any = None
+        if merge:
+            if not isinstance(patch, dict):
+                raise BadRequest("A JSON Merge Patch body must be a JSON object", [_issue("structure", "A JSON Merge Patch body must be a JSON object")])
+        else:
+            if not isinstance(patch, list):
+                raise BadRequest("A JSON Patch body must be an array of operations", [_issue("structure", "A JSON Patch body must be an array of operations")])
+            try:
+                ops = jsonpatch.JsonPatch(patch)
+            except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, TypeError, KeyError, AttributeError) as e:
+                raise BadRequest(f"Invalid JSON Patch: {e}", [_issue("structure", f"Invalid JSON Patch: {e}")]) from None
+        row = await (await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})).fetchone()
         if row is None:
             raise NotFound(f"{rtype}/{rid} is not known")
+        # A deleted resource has no version for If-Match to match: 412 then, else 410.
+        _check_version(rtype, rid, expected, row[0], row[1])
         if row[1]:
-            raise Gone(f"{rtype}/{rid} was deleted")
-        expected = _parse_etag(if_match) if if_match else None
-        if expected is not None and expected != row[0]:
-            raise PreconditionFailed(f"{rtype}/{rid} is at version {row[0]}, not {expected}")
-        if not isinstance(operations, list):
-            raise InvalidResource([_issue("structure", "A JSON Patch body must be an array of operations")])
-        try:
-            patched = jsonpatch.JsonPatch(operations).apply(orjson.loads(row[2]))
-        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError, ValueError) as e:
-            raise InvalidResource([_issue("processing", f"The patch cannot be applied: {e}")]) from None
-        if not isinstance(patched, dict) or patched.get("id") != rid or patched.get("resourceType") != rtype:
-            raise InvalidResource([_issue("invalid", "A patch may not change resourceType or id")])
+            raise Gone(f"{rtype}/{rid} was deleted", headers={"ETag": f'W/"{row[0]}"'})
+        current = orjson.loads(row[2])
+        if merge:
+            patched = _merge_patch(current, patch)
+        else:
+            try:
+                patched = ops.apply(current)
+            except jsonpatch.InvalidJsonPatch as e:
+                raise BadRequest(f"Invalid JSON Patch: {e}", [_issue("structure", f"Invalid JSON Patch: {e}")]) from None
+            except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, TypeError, KeyError, ValueError, IndexError) as e:
+                msg = f"The patch cannot be applied to {rtype}/{rid}: {e}"
+                raise Unprocessable(msg, [_issue("processing", msg)]) from None
+        if not isinstance(patched, dict) or patched.get("resourceType") != rtype or patched.get("id") != rid:
+            msg = "A patch may not change resourceType or id"
+            raise Unprocessable(msg, [_issue("invalid", msg, f"{rtype}.id")])
         self.prepare(rtype, patched)
         stored = await self._write(rtype, rid, patched, version=row[0] + 1, method="PATCH", insert=False)
         return WriteResult(stored, created=False)
 
-    async def delete(self, rtype: str, rid: str) -> int | None:
-        """Delete (a new, empty version). Returns the deletion's version or None if absent."""
+    async def delete(self, rtype: str, rid: str, *, if_match: str | None = None) -> int | None:
+        """Delete: a new, empty version. Returns its version, or None when there was
+        nothing to delete (not an error, R4 3.1.0.7)."""
         self.authorize("delete", rtype)
+        expected = _parse_etag(if_match)
         cur = await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})
         row = await cur.fetchone()
         if row is None or row[1]:
+            if expected is not None:
+                raise PreconditionFailed(f"{rtype}/{rid} does not exist, so it cannot match If-Match {if_match}")
             return None
+        _check_version(rtype, rid, expected, row[0], False)
         version, now = row[0] + 1, self.clock.now()
         s = _stmts(rtype)
         empty = {"id": rid, "vid": version, "lu": now, "deleted": True, "content": None, "tokens": [], "refs": [], "comp": [], "narr": "", "text": ""}
@@ -273,23 +349,42 @@ class Repository:
             await self.conn.execute(s["log"], {"rtype": rtype, "id": rid, "vid": version, "lu": now, "method": "DELETE"})
         return version
 
-    async def conditional_update(self, rtype: str, query: str, resource: dict) -> WriteResult:
+    async def conditional_update(self, rtype: str, query: str, resource: dict, *, if_match: str | None = None,
+                                 new_id: str | None = None) -> WriteResult:
+        """PUT Type?criteria (R4 3.1.0.4.3): no match creates (with the body id if any,
+        else ``new_id`` or a fresh one), one match is updated, several are a 412."""
         self.authorize("update", rtype)
+        self._check_shape(rtype, resource)
         matches = await self._matches(rtype, query, limit=2, lock=True)
         if len(matches) > 1:
             raise MultipleMatches(f"The criteria {query!r} match more than one {rtype}")
         if not matches:
-            rid = resource.get("id") if isinstance(resource, dict) else None
+            rid = resource.get("id")
             if rid:
-                return await self.update(rtype, rid, resource)
-            return await self.create(rtype, resource)
+                return await self.update(rtype, rid, resource, if_match=if_match)
+            if if_match:
+                raise PreconditionFailed(f"No {rtype} matches {query!r}, so none can match If-Match {if_match}")
+            return await self.create(rtype, resource, rid=new_id)
         rid = matches[0]
-        if isinstance(resource, dict) and resource.get("id") not in (None, rid):
-            raise InvalidResource([_issue("invalid", f"The resource id {resource.get('id')!r} differs from the matched {rtype}/{rid}", f"{rtype}.id")])
-        body = {**resource, "id": rid} if isinstance(resource, dict) else resource
-        return await self.update(rtype, rid, body)
+        if resource.get("id") not in (None, rid):
+            msg = f"The resource id {resource.get('id')!r} differs from the id of the matching {rtype}/{rid}"
+            raise BadRequest(msg, [_issue("invalid", msg, f"{rtype}.id")])
+        return await self.update(rtype, rid, {**resource, "id": rid}, if_match=if_match)
+
+    async def conditional_patch(self, rtype: str, query: str, patch: Any, *, if_match: str | None = None,
+                                merge: bool = False) -> WriteResult:
+        """PATCH Type?criteria: the one match is patched; none is a 404, several a 412."""
+        self.authorize("patch", rtype)
+        ids = await self._matches(rtype, query, limit=2, lock=True)
+        if not ids:
+            raise NotFound(f"No {rtype} matches {query!r}")
+        if len(ids) > 1:
+            raise MultipleMatches(f"The criteria {query!r} match more than one {rtype}")
+        return await self.patch(rtype, ids[0], patch, if_match=if_match, merge=merge)
 
     async def conditional_delete(self, rtype: str, query: str, *, multiple: bool = False) -> int:
+        """DELETE Type?criteria: no match is not an error; several matches are a 412
+        unless ``multiple`` (the client asked to delete them all)."""
         self.authorize("delete", rtype)
         matches = await self._matches(rtype, query, limit=None if multiple else 2, lock=True)
         if len(matches) > 1 and not multiple:
@@ -298,17 +393,16 @@ class Repository:
             await self.delete(rtype, rid)
         return len(matches)
 
+    def bulk_writer(self) -> BulkWriter:
+        """The bulk write path (COPY, many resources per statement) on this caller's
+        transaction; it asks the policy for each resource type it writes."""
+        from parcours.store.bulk import BulkWriter
+
+        return BulkWriter(self)
+
     async def _write(self, rtype: str, rid: str, resource: dict, *, version: int, method: str, insert: bool) -> Stored:
         now = self.clock.now()
-        resource = dict(resource)
-        resource["id"] = rid
-        meta = dict(resource.get("meta") or {})
-        meta["versionId"] = str(version)
-        meta["lastUpdated"] = _iso(now)
-        resource["meta"] = meta
-        # resourceType first, as people read it.
-        ordered = {"resourceType": rtype, **{k: v for k, v in resource.items() if k != "resourceType"}}
-        content = orjson.dumps(ordered).decode()
+        ordered, content = render_version(rtype, rid, resource, version, now)
         iv = index_resource(ordered, self.registry, self.base_url)
         s = _stmts(rtype)
         params = {
@@ -333,10 +427,15 @@ class Repository:
     async def _matches(self, rtype: str, query: str, *, limit: int | None, lock: bool) -> list[str]:
         from urllib.parse import parse_qsl
 
-        items = parse_qsl(query.lstrip("?"), keep_blank_values=True)
+        # Criteria may come as "a=b", "?a=b" or "Type?a=b" (some clients send the latter).
+        head, sep, tail = query.strip().partition("?")
+        items = parse_qsl(tail if sep and "=" not in head else query.strip(), keep_blank_values=True)
         if not items:
             raise InvalidSearch("Conditional interactions need search criteria")
         req = self.parser.parse(rtype, items, strict=True)
+        if not req.filters:
+            # Only result parameters (_count, _sort...) would match every resource of the type.
+            raise InvalidSearch(f"Conditional interactions need search criteria that filter, got {query!r}")
         if lock:
             await self._lock_key(f"{rtype}?{sorted(items)}")
         t = tables(rtype)
@@ -357,6 +456,7 @@ class Repository:
 
     # -- history ----------------------------------------------------------------------------
     async def history(self, rtype: str | None, rid: str | None, *, since: datetime | None, count: int, offset: int = 0) -> list[Stored]:
+        """Versions, newest first: of one resource, one type, or all (``rtype`` None)."""
         if rtype is None:
             return await self._system_history(since, count, offset)
         self.authorize("history", rtype)
@@ -370,27 +470,35 @@ class Repository:
         sql, params = compile_stmt(stmt)
         rows = await (await self.conn.execute(sql, params)).fetchall()
         if rid is not None and not rows and offset == 0:
-            await self.read(rtype, rid)  # raises the right 404
-        return [Stored(rtype, r[0], r[1], r[2], r[4], r[3]) for r in rows]
+            found = await (await self.conn.execute(_stmts(rtype)["read"], {"id": rid})).fetchone()
+            if found is None:
+                raise NotFound(f"{rtype}/{rid} is not known")
+        return [Stored(rtype, r[0], r[1], r[2], r[4], r[3], method=r[5]) for r in rows]
 
     async def _system_history(self, since: datetime | None, count: int, offset: int) -> list[Stored]:
         lg = resource_log
+        allowed = [t for t in self.registry.resource_types if decide(self.caller, "history", t).allowed]
         stmt = select(lg.c.resource_type, lg.c.id, lg.c.version_id)
+        if len(allowed) < len(self.registry.resource_types):
+            stmt = stmt.where(lg.c.resource_type == any_(literal(allowed, ARRAY(Text))))
         if since is not None:
             stmt = stmt.where(lg.c.last_updated >= since)
         stmt = stmt.order_by(lg.c.seq.desc()).limit(count).offset(offset)
         sql, params = compile_stmt(stmt)
         rows = await (await self.conn.execute(sql, params)).fetchall()
-        out: list[Stored] = []
+        # One query per resource type on the page, not one per version.
+        wanted: dict[str, list[tuple[str, int]]] = {}
         for rtype, rid, vid in rows:
-            if not decide(self.caller, "history", rtype).allowed:
-                continue
+            wanted.setdefault(rtype, []).append((rid, vid))
+        found: dict[tuple[str, str, int], Stored] = {}
+        for rtype, keys in wanted.items():
             h = tables(rtype).history
-            sql, params = compile_stmt(select(h.c.last_updated, h.c.deleted, h.c.content).where(h.c.id == rid, h.c.version_id == vid))
-            r = await (await self.conn.execute(sql, params)).fetchone()
-            if r:
-                out.append(Stored(rtype, rid, vid, r[0], r[2], r[1]))
-        return out
+            stmt = select(h.c.id, h.c.version_id, h.c.last_updated, h.c.deleted, h.c.content, h.c.method).where(
+                tuple_(h.c.id, h.c.version_id).in_(keys))
+            sql, params = compile_stmt(stmt)
+            for r in await (await self.conn.execute(sql, params)).fetchall():
+                found[(rtype, r[0], r[1])] = Stored(rtype, r[0], r[1], r[2], r[4], r[3], method=r[5])
+        return [found[(t, i, v)] for t, i, v in rows if (t, i, v) in found]
 
     # -- search ---------------------------------------------------------------------------
     def parse_search(self, rtype: str | None, items: list[tuple[str, str]], *, strict: bool = False) -> SearchRequest:
@@ -426,7 +534,7 @@ class Repository:
                 rows = await (await self.conn.execute(sql, params)).fetchall()
                 has_more = len(rows) > req.count
                 matches = [Stored(rtype, r[0], r[1], r[2], r[3], refs=list(r[4])) for r in rows[: req.count]]
-            if req.total == "accurate" or req.summary == "count" or req.total == "estimate":
+            if req.total in ("accurate", "estimate") or req.summary == "count" or req.count == 0:
                 sql, params = compile_stmt(select(func.count()).select_from(t.main).where(where))
                 total = (await (await self.conn.execute(sql, params)).fetchone())[0]
             elif not has_more and (req.offset == 0 or matches):
@@ -468,7 +576,7 @@ class Repository:
                     continue
                 wanted: dict[str, set[str]] = {}
                 for m in frontier:
-                    if m.resource_type != inc.source_type:
+                    if inc.source_type not in ("*", m.resource_type):
                         continue
                     for r in m.refs:
                         code, _, ref = r.partition("\x1f")
@@ -492,8 +600,13 @@ class Repository:
                     continue
                 if not decide(self.caller, "search", inc.source_type).allowed:
                     continue
-                keys = [f"{inc.param}\x1f{m.resource_type}/{m.id}" for m in frontier]
-                if inc.param == "*":
+                if inc.param == "*":  # any reference parameter of the source type
+                    codes = [c for c, sp in self.registry.params(inc.source_type).items() if sp.type == "reference"]
+                else:
+                    codes = [inc.param]
+                keys = [f"{code}\x1f{m.resource_type}/{m.id}" for code in codes for m in frontier
+                        if inc.target_type in (None, m.resource_type)]
+                if not keys:
                     continue
                 t = tables(inc.source_type)
                 sql, params = compile_stmt(
@@ -511,9 +624,13 @@ class Repository:
 
     # -- compartment -------------------------------------------------------------------------
     async def everything(self, patient_id: str, *, since: datetime | None = None, types: list[str] | None = None, limit: int = 10_000) -> list[Stored]:
+        """Patient/$everything: the patient and the current resources of its compartment."""
         self.authorize("everything", "Patient")
+        for t in types or ():
+            if not self.registry.is_type(t):
+                raise InvalidSearch(f"Unknown resource type in _type: {t!r}", [_issue("not-supported", f"Unknown resource type {t!r}", "_type")])
         patient = await self.read("Patient", patient_id)
-        out = [patient]
+        out = [patient] if (not types or "Patient" in types) and (since is None or patient.last_updated >= since) else []
         key = f"Patient/{patient_id}"
         for rtype in self.registry.patient_compartment:
             if types and rtype not in types:
@@ -528,10 +645,36 @@ class Repository:
             sql, params = compile_stmt(stmt.order_by(t.main.c.last_updated).limit(limit))
             for r in await (await self.conn.execute(sql, params)).fetchall():
                 out.append(Stored(rtype, r[0], r[1], r[2], r[3]))
-        if types and "Patient" not in types:
-            out = out[1:]
         return out
 
+
+    # -- bulk export ------------------------------------------------------------------------
+    async def export_iter(
+        self, rtype: str, *, since: datetime | None = None, until: datetime | None = None,
+        patients: Sequence[str] | None = None, any_patient: bool = False, batch: int = 1000,
+    ) -> AsyncIterator[list[Stored]]:
+        """The current resources of one type for $export, in batches from a server-side cursor.
+
+        ``since``/``until`` bound lastUpdated (``since`` exclusive, as Bulk Data's
+        _since); ``patients`` keeps the compartments of those patient ids,
+        ``any_patient`` those of every patient. One statement, so one snapshot.
+        """
+        self.authorize("export", rtype)
+        m = tables(rtype).main
+        stmt = select(m.c.id, m.c.version_id, m.c.last_updated, m.c.content).where(m.c.deleted.is_(False))
+        if since is not None:
+            stmt = stmt.where(m.c.last_updated > since)
+        if until is not None:
+            stmt = stmt.where(m.c.last_updated <= until)
+        if patients is not None:
+            stmt = stmt.where(m.c.compartments.overlap(literal([f"Patient/{p}" for p in patients], ARRAY(Text))))
+        elif any_patient:
+            stmt = stmt.where(func.cardinality(m.c.compartments) > 0)
+        sql, params = compile_stmt(stmt)
+        async with self.conn.cursor(name="parcours_export") as cur:
+            await cur.execute(sql, params)
+            while rows := await cur.fetchmany(batch):
+                yield [Stored(rtype, r[0], r[1], r[2], r[3]) for r in rows]
 
 def _idx_params(rid: str, iv: IndexValues) -> dict[str, Any]:
     cols = list(zip(*iv.rows))
@@ -553,14 +696,46 @@ def _near_point(filters: list[Filter]) -> tuple[float, float] | None:
     return None
 
 
-def _parse_etag(value: str) -> int:
+# ``If-Match: *``: any current version will do.
+ANY_VERSION = -1
+_ETAG_RE = re.compile(r'^(?:W/)?"?([0-9]{1,9})"?$')
+
+
+def _parse_etag(value: str | None) -> int | None:
+    """The version an If-Match header names; a malformed one is a 400, not a 412."""
+    if value is None or not value.strip():
+        return None
     v = value.strip()
-    if v.startswith("W/"):
-        v = v[2:]
-    v = v.strip('"')
-    if not v.isdigit():
-        raise PreconditionFailed(f"If-Match must name a version such as W/\"3\", got {value!r}")
-    return int(v)
+    if v == "*":
+        return ANY_VERSION
+    m = _ETAG_RE.match(v)
+    if not m:
+        msg = f'If-Match must name a version such as W/"3", got {value!r}'
+        raise BadRequest(msg, [_issue("invalid", msg)])
+    return int(m.group(1))
+
+
+def _check_version(rtype: str, rid: str, expected: int | None, current: int, deleted: bool) -> None:
+    """If-Match (RFC 9110 13.1.1): a deleted resource matches no version, not even *."""
+    if expected is None:
+        return
+    if deleted:
+        raise PreconditionFailed(f"{rtype}/{rid} is deleted, so it does not match If-Match")
+    if expected != ANY_VERSION and expected != current:
+        raise PreconditionFailed(f"{rtype}/{rid} is at version {current}, not {expected}: reload it and try again")
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON Merge Patch: objects merge, null removes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge_patch(out.get(k), v)
+    return out
 
 
 def _issue(code: str, message: str, expression: str | None = None):  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -23,17 +23,37 @@ from sqlalchemy import (
     select,
     true,
 )
-from sqlalchemy import Text, any_
+from sqlalchemy import Numeric, Text, any_
 from sqlalchemy.dialects.postgresql import ARRAY, array
 
 from parcours.core.errors import InvalidSearch
 from parcours.fhir.datatypes import implicit_range, normalize_text, parse_date_range, parse_decimal
 from parcours.fhir.indexing import PRESENT, SEP
 from parcours.fhir.search import Filter, split_prefix, unescape
-from parcours.store.schema import TS_CONFIG, ResourceTables, tables
+from parcours.store.schema import TS_CONFIG, tables
 
 EARTH_RADIUS_KM = 6371.0088
 UNIT_KM = {"km": 1.0, "m": 0.001, "mi": 1.609344, "[mi_i]": 1.609344, "[mi_us]": 1.609347}
+
+
+class SearchTables(NamedTuple):
+    """The tables one criterion reads: the resource rows and their side rows."""
+
+    rtype: str
+    main: Any
+    idx: Any
+
+
+def base_tables(rtype: str) -> SearchTables:
+    t = tables(rtype)
+    return SearchTables(rtype, t.main, t.idx)
+
+
+def aliased(rtype: str) -> SearchTables:
+    """Aliases for a subquery (chain, ``_has``), so that it never correlates with
+    an outer query over the same type."""
+    t = tables(rtype)
+    return SearchTables(rtype, t.main.alias(), t.idx.alias())
 
 
 class Compiler:
@@ -43,20 +63,20 @@ class Compiler:
 
     # -- entry point -------------------------------------------------------------
     def where(self, rtype: str, filters: list[Filter]) -> ColumnElement[bool]:
-        t = tables(rtype)
+        t = base_tables(rtype)
         clauses: list[ColumnElement[bool]] = [t.main.c.deleted.is_(False)]
         for f in filters:
             clauses.append(self.filter(t, f))
         return and_(*clauses)
 
-    def filter(self, t: ResourceTables, f: Filter) -> ColumnElement[bool]:
+    def filter(self, t: SearchTables, f: Filter) -> ColumnElement[bool]:
         if f.has is not None:
             return self._has(t, f)
         if f.chain is not None:
             return self._chain(t, f)
         if f.modifier == "missing":
             present = t.main.c.tokens.contains([PRESENT + f.code])
-            if f.code == "_id":
+            if f.code in ("_id", "_lastUpdated"):
                 present = true()
             want_missing = _bool(f.values[0] if f.values else "")
             return not_(present) if want_missing else present
@@ -90,13 +110,13 @@ class Compiler:
             return f"{code}{SEP}{system}|{code_value if code_value != '' else '*'}"
         return f"{code}{SEP}*|{unescape(value)}"
 
-    def _token(self, t: ResourceTables, f: Filter) -> ColumnElement[bool]:
+    def _token(self, t: SearchTables, f: Filter) -> ColumnElement[bool]:
         code, mod = f.code, f.modifier
         if mod == "text":
+            # Any word of the display or text starts with the value.
+            words = [normalize_text(unescape(v)) for v in f.values if v]
             return self._exists_side(t, code + ":text", or_(*[
-                or_(_idx(t).c.s.startswith(normalize_text(unescape(v)), autoescape=True),
-                    _idx(t).c.s.contains(" " + normalize_text(unescape(v)), autoescape=True))
-                for v in f.values]))
+                or_(prefix_condition(t.idx.c.s, w), t.idx.c.s.contains(" " + w, autoescape=True)) for w in words]))
         if mod == "of-type":
             entries = []
             for v in f.values:
@@ -126,7 +146,7 @@ class Compiler:
             v = v.split("/_history/")[0]
         return f"{code}{SEP}{v}"
 
-    def _reference(self, t: ResourceTables, f: Filter) -> ColumnElement[bool]:
+    def _reference(self, t: SearchTables, f: Filter) -> ColumnElement[bool]:
         code, mod = f.code, f.modifier
         if mod == "identifier":
             entries = []
@@ -141,35 +161,46 @@ class Compiler:
             raise InvalidSearch(f"Parameter {code!r} needs a value")
         return t.main.c.refs.overlap(_text_array(entries))
 
-    def _chain(self, t: ResourceTables, f: Filter) -> ColumnElement[bool]:
+    def _chain(self, t: SearchTables, f: Filter) -> ColumnElement[bool]:
+        """The references of ``t`` overlap the (uncorrelated) set of matching targets:
+        one GIN probe, the target set computed once. Target tables are aliased so
+        that a chain back to the same type (``Organization?partof.name=x``) is not
+        correlated with the outer row."""
         assert f.chain is not None
         ors = []
-        for target in f.chain.target_types:
-            tt = tables(target)
-            inner = and_(tt.main.c.deleted.is_(False), self.filter(tt, f.chain.inner))
+        for target, inner_filter in f.chain.links:
+            tt = aliased(target)
+            inner = and_(tt.main.c.deleted.is_(False), self.filter(tt, inner_filter))
             ids = select(func.array_agg(literal(f"{f.code}{SEP}{target}/") + tt.main.c.id)).where(inner).scalar_subquery()
             ors.append(t.main.c.refs.overlap(ids))
         return or_(*ors)
 
-    def _has(self, t: ResourceTables, f: Filter) -> ColumnElement[bool]:
+    def _has(self, t: SearchTables, f: Filter) -> ColumnElement[bool]:
+        """``id IN (ids referenced by the matching sources)``: the inner criterion
+        drives (its own indexes), then a semi-join on the primary key, rather than
+        one GIN probe of the source table per candidate row."""
         assert f.has is not None
-        src = tables(f.has.resource_type)
-        rtype = t.main.name
-        ref_value = literal(f"{f.has.ref_param.code}{SEP}{rtype}/") + t.main.c.id
-        return exists(
-            select(literal(1)).select_from(src.main).where(
+        src = aliased(f.has.resource_type)
+        prefix = f"{f.has.ref_param.code}{SEP}{t.rtype}/"
+        ref = func.unnest(src.main.c.refs).table_valued("value").render_derived()
+        referenced = (
+            select(func.substr(ref.c.value, len(prefix) + 1))
+            .select_from(src.main)
+            .join(ref, true())
+            .where(
                 src.main.c.deleted.is_(False),
-                src.main.c.refs.contains(array([ref_value], type_=Text)),
                 self.filter(src, f.has.inner),
+                func.left(ref.c.value, len(prefix)) == prefix,
             )
         )
+        return t.main.c.id.in_(referenced)
 
     # -- side table: string, uri, date, number, quantity ---------------------------------
-    def _exists_side(self, t: ResourceTables, code: str, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+    def _exists_side(self, t: SearchTables, code: str, cond: ColumnElement[bool]) -> ColumnElement[bool]:
         idx = t.idx
         return exists(select(literal(1)).select_from(idx).where(idx.c.resource_id == t.main.c.id, idx.c.code == code, cond))
 
-    def _side(self, t: ResourceTables, f: Filter) -> ColumnElement[bool]:
+    def _side(self, t: SearchTables, f: Filter) -> ColumnElement[bool]:
         kind, code, mod, idx = f.param.type, f.code, f.modifier, t.idx  # type: ignore[union-attr]
         conds: list[ColumnElement[bool]] = []
         for raw in f.values:
@@ -182,16 +213,16 @@ class Compiler:
                 elif mod == "contains":
                     conds.append(idx.c.s.contains(normalize_text(v), autoescape=True))
                 elif mod in (None, "text"):
-                    conds.append(idx.c.s.startswith(normalize_text(v), autoescape=True))
+                    conds.append(prefix_condition(idx.c.s, normalize_text(v)))
                 else:
                     raise InvalidSearch(f"The modifier :{mod} is not valid on string parameter {code!r}")
             elif kind == "uri":
                 if mod is None or mod == "exact":
                     conds.append(idx.c.raw == v)
-                elif mod == "below":
-                    conds.append(idx.c.raw.startswith(v, autoescape=True))
-                elif mod == "above":
-                    conds.append(literal(v).startswith(idx.c.raw))
+                elif mod == "below":  # the stored uri starts with the value
+                    conds.append(func.starts_with(idx.c.raw, literal(v, Text)))
+                elif mod == "above":  # the value starts with the stored uri
+                    conds.append(func.starts_with(literal(v, Text), idx.c.raw))
                 else:
                     raise InvalidSearch(f"The modifier :{mod} is not valid on uri parameter {code!r}")
             elif kind == "date":
@@ -207,23 +238,29 @@ class Compiler:
         return self._exists_side(t, code, or_(*conds))
 
     def _date_cond(self, lo: Any, hi: Any, value: str) -> ColumnElement[bool]:
+        """R4 date comparison of the stored range [lo, hi) with the value's implicit
+        range [qlo, qhi) (search.html, "Prefixes"): eq = contained, gt = overlaps
+        the range above, ge = gt or eq, and so on."""
         prefix, v = split_prefix(value)
-        r = parse_date_range(v)
+        # An unencoded '+' of a time zone arrives as a space.
+        r = parse_date_range(v.replace(" ", "+"))
         if r is None:
-            raise InvalidSearch(f"Invalid date {v!r}: expected YYYY, YYYY-MM, YYYY-MM-DD or a dateTime")
+            raise InvalidSearch(f"Invalid date {v!r}: expected YYYY, YYYY-MM, YYYY-MM-DD or a dateTime such as 2024-05-01T10:00:00Z")
         qlo, qhi = r
+        contained = and_(lo >= qlo, hi <= qhi)
         if prefix == "eq":
-            return and_(lo >= qlo, hi <= qhi)
+            return contained
         if prefix == "ne":
-            return not_(and_(lo >= qlo, hi <= qhi))
+            return not_(contained)
         if prefix == "gt":
             return hi > qhi
         if prefix == "lt":
             return lo < qlo
+        # ge and le imply hi > qlo and lo < qhi: stated first, so the btree can range-scan.
         if prefix == "ge":
-            return hi > qlo
+            return and_(hi > qlo, or_(hi > qhi, contained))
         if prefix == "le":
-            return lo < qhi
+            return and_(lo < qhi, or_(lo < qlo, contained))
         if prefix == "sa":
             return lo >= qhi
         if prefix == "eb":
@@ -266,7 +303,7 @@ class Compiler:
         return and_(nlo <= q + d, nhi >= q - d)
 
     # -- composite --------------------------------------------------------------------
-    def _composite(self, t: ResourceTables, f: Filter) -> ColumnElement[bool]:
+    def _composite(self, t: SearchTables, f: Filter) -> ColumnElement[bool]:
         sp = f.param
         assert sp is not None
         if len(sp.components) != 2:
@@ -286,30 +323,26 @@ class Compiler:
             elif second.type == "date":
                 ors.append(self._exists_side(t, f.code, and_(t.idx.c.raw == first_tok, self._date_cond(t.idx.c.lo, t.idx.c.hi, parts[1]))))
             elif second.type == "string":
-                ors.append(self._exists_side(t, f.code, and_(t.idx.c.raw == first_tok, t.idx.c.s.startswith(normalize_text(unescape(parts[1])), autoescape=True))))
+                ors.append(self._exists_side(t, f.code, and_(t.idx.c.raw == first_tok, prefix_condition(t.idx.c.s, normalize_text(unescape(parts[1]))))))
             else:
                 raise InvalidSearch(f"Composite parameter {f.code!r} is not supported")
         return or_(*ors)
 
     # -- near ---------------------------------------------------------------------------
-    def _near(self, t: ResourceTables, value: str) -> ColumnElement[bool]:
-        parts = value.split("|")
-        try:
-            lat, lon = float(parts[0]), float(parts[1])
-            dist = float(parts[2]) if len(parts) > 2 and parts[2] else 10.0
-        except (ValueError, IndexError):
-            raise InvalidSearch(f"near expects latitude|longitude|distance|unit, got {value!r}") from None
-        unit = parts[3] if len(parts) > 3 and parts[3] else "km"
-        if unit not in UNIT_KM or not (-90 <= lat <= 90 and -180 <= lon <= 180) or dist < 0:
-            raise InvalidSearch(f"near: invalid position or unit in {value!r} (units: km, m, mi)")
-        km = dist * UNIT_KM[unit]
-        # A bounding box the btree index can use, then the exact great-circle test.
-        dlat = math.degrees(km / EARTH_RADIUS_KM)
-        coslat = max(math.cos(math.radians(lat)), 1e-6)
-        dlon = min(180.0, math.degrees(km / (EARTH_RADIUS_KM * coslat)))
+    def _near(self, t: SearchTables, value: str) -> ColumnElement[bool]:
+        lat, lon, km = parse_near(value)
+        # A bounding box the btree index (code, nlo) can use, then the exact
+        # great-circle test. Bounds are numeric like the column: a float bound
+        # would cast the column and lose the index.
         idx = t.idx
-        box = and_(idx.c.nlo.between(lat - dlat, lat + dlat), idx.c.nhi.between(lon - dlon, lon + dlon))
-        return self._exists_side(t, "near", and_(box, great_circle_km(idx.c.nlo, idx.c.nhi, lat, lon) <= km))
+        box: list[ColumnElement[bool]] = []
+        for (lat_lo, lat_hi), lon_ranges in bounding_box(lat, lon, km):
+            lat_cond = idx.c.nlo.between(_num(lat_lo), _num(lat_hi))
+            if lon_ranges is None:
+                box.append(lat_cond)
+            else:
+                box.append(and_(lat_cond, or_(*[idx.c.nhi.between(_num(a), _num(b)) for a, b in lon_ranges])))
+        return self._exists_side(t, "near", and_(or_(*box), great_circle_km(idx.c.nlo, idx.c.nhi, lat, lon) <= km))
 
     # -- sort ---------------------------------------------------------------------------
     def order_by(self, rtype: str, sort: list[tuple[str, bool]], registry: Any, near: tuple[float, float] | None = None) -> list[Any]:
@@ -352,6 +385,74 @@ class Compiler:
         return out
 
 
+def parse_near(value: str) -> tuple[float, float, float]:
+    """``latitude|longitude|distance|unit`` -> (lat, lon, radius in km)."""
+    parts = value.split("|")
+    try:
+        lat, lon = float(parts[0]), float(parts[1])
+        dist = float(parts[2]) if len(parts) > 2 and parts[2] else 10.0
+    except (ValueError, IndexError):
+        raise InvalidSearch(f"near expects latitude|longitude|distance|unit, got {value!r}") from None
+    unit = parts[3] if len(parts) > 3 and parts[3] else "km"
+    if unit not in UNIT_KM:
+        raise InvalidSearch(f"near: unknown distance unit {unit!r} (use km, m, mi or [mi_i])")
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180) or not math.isfinite(dist) or dist < 0:
+        raise InvalidSearch(f"near: invalid position or distance in {value!r}")
+    return lat, lon, dist * UNIT_KM[unit]
+
+
+def bounding_box(lat: float, lon: float, km: float) -> list[tuple[tuple[float, float], list[tuple[float, float]] | None]]:
+    """Latitude range and longitude ranges (None: all) holding every point within
+    ``km`` of (lat, lon), split at the antimeridian."""
+    r = km / EARTH_RADIUS_KM  # angular radius
+    lat_lo, lat_hi = lat - math.degrees(r), lat + math.degrees(r)
+    if lat_lo <= -90 or lat_hi >= 90 or r >= math.pi / 2:
+        return [((max(lat_lo, -90.0), min(lat_hi, 90.0)), None)]  # a pole is inside: any longitude
+    # Widest longitude span of the circle (reached north or south of lat, not at lat).
+    dlon = math.degrees(math.asin(min(1.0, math.sin(r) / math.cos(math.radians(lat)))))
+    lo, hi = lon - dlon, lon + dlon
+    if lo < -180:
+        ranges = [(-180.0, hi), (lo + 360, 180.0)]
+    elif hi > 180:
+        ranges = [(lo, 180.0), (-180.0, hi - 360)]
+    else:
+        ranges = [(lo, hi)]
+    return [((lat_lo, lat_hi), ranges)]
+
+
+def _num(x: float) -> Any:
+    return literal(Decimal(repr(x)), Numeric())
+
+
+def prefix_condition(col: Any, prefix: str) -> ColumnElement[bool]:
+    """``col`` starts with ``prefix``, written as the range
+    ``prefix <= col < successor(prefix)`` in the byte order of ``text_pattern_ops``
+    (``~>=~``/``~<~``): the ``<Type>_idx_s`` btree serves it in custom and generic
+    plans alike, which ``LIKE $1 || '%' ESCAPE '/'`` does not."""
+    if prefix == "":
+        return col.isnot(None)
+    lower = col.op("~>=~", is_comparison=True)(literal(prefix, Text))
+    upper = _successor(prefix)
+    if upper is None:
+        return and_(lower, func.starts_with(col, literal(prefix, Text)))
+    return and_(lower, col.op("~<~", is_comparison=True)(literal(upper, Text)))
+
+
+def _successor(prefix: str) -> str | None:
+    """The least string greater than every string starting with ``prefix``
+    (UTF-8 byte order is code-point order)."""
+    chars = list(prefix)
+    while chars:
+        cp = ord(chars[-1]) + 1
+        if 0xD800 <= cp <= 0xDFFF:
+            cp = 0xE000
+        if cp <= 0x10FFFF:
+            chars[-1] = chr(cp)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
 def great_circle_km(lat_col: Any, lon_col: Any, lat: float, lon: float) -> Any:
     """Haversine distance in km between a stored position and a point."""
     rlat = math.radians(lat)
@@ -373,7 +474,7 @@ def _text_array(values: list[str]) -> Any:
     return literal(list(values), ARRAY(Text))
 
 
-def _idx(t: ResourceTables) -> Any:
+def _idx(t: SearchTables) -> Any:
     return t.idx
 
 

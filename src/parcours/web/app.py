@@ -6,17 +6,20 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import psycopg
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount
+from starlette.routing import Mount, Route
 
 from parcours import __version__
-from parcours.core.errors import MethodNotAllowed, NotFound, ParcoursError
+from parcours.core.errors import Conflict, MethodNotAllowed, NotFound, ParcoursError
 from parcours.core.settings import Settings
+from parcours.events.runtime import Events
+from parcours.services import export
 from parcours.services.platform import Platform
-from parcours.web import fhir
+from parcours.web import directory_api, fhir, fhir_ws, pages
 from parcours.web.fhir_render import error_response
 
 log = logging.getLogger(__name__)
@@ -29,9 +32,13 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = platform is None
         app.state.platform = platform or await Platform.start(settings)
+        stop_export_worker = export.start_in_background(app.state.platform)  # bulk $export jobs
+        app.state.events = await Events.start(app.state.platform)  # change feed, Subscriptions
         try:
             yield
         finally:
+            await app.state.events.close()
+            await stop_export_worker()
             if own:
                 await app.state.platform.close()
 
@@ -39,7 +46,12 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     if platform is not None:
         app.state.platform = platform
 
+    # The FHIR base itself (batch/transaction POST, system search) without a redirect to /fhir/.
+    app.router.routes.append(Route("/fhir", fhir.system_root, methods=["GET", "POST"]))
+    app.router.routes.append(fhir_ws.route)  # before the /fhir mount, which would take it
     app.router.routes.append(Mount("/fhir", routes=fhir.routes))
+    app.router.routes.append(Mount("/api/directory", routes=directory_api.routes))  # care-offer directory
+    pages.install(app)  # sign-in, account settings, portal and workspace pages; session middleware
 
     @app.exception_handler(ParcoursError)
     async def parcours_error(request: Request, exc: ParcoursError) -> Response:
@@ -53,9 +65,21 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
             if exc.status_code == 404:
                 return error_response(NotFound(f"No FHIR endpoint at {request.url.path}"))
             if exc.status_code == 405:
-                return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}"))
+                return error_response(MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}",
+                                                       headers=dict(exc.headers or {})))
             return error_response(ParcoursError(str(exc.detail), status=exc.status_code))
         return JSONResponse({"error": f"HTTP-{exc.status_code}", "message": str(exc.detail)}, exc.status_code)
+
+    async def write_conflict(request: Request, exc: Exception) -> Response:
+        # Two transactions crossed (deadlock, same new key): nothing was written; retrying is safe.
+        log.warning("Write conflict on %s %s: %s", request.method, request.url.path, exc)
+        err = Conflict("The request conflicted with a concurrent one and was not carried out; retry it")
+        if request.url.path.startswith("/fhir"):
+            return error_response(err)
+        return JSONResponse({"error": err.code, "message": err.message}, err.status)
+
+    for kind in (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, psycopg.errors.UniqueViolation):
+        app.add_exception_handler(kind, write_conflict)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:

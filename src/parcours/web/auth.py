@@ -1,4 +1,4 @@
-"""Who is calling, from the request's credentials."""
+"""Who is calling, from the request's credentials: a bearer token, or else a web session cookie."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from starlette.requests import Request
 from parcours.core.errors import Unauthorized
 from parcours.security import tokens
 from parcours.security.caller import Caller
+from parcours.web.session import session_caller
 
 
 def caller_of(request: Request) -> Caller:
@@ -16,6 +17,10 @@ def caller_of(request: Request) -> Caller:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        from_session = session_caller(request)
+        if from_session is not None:
+            request.scope["parcours.caller"] = from_session
+            return from_session
         raise Unauthorized(
             "Authentication is required: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": 'Bearer realm="parcours"'},

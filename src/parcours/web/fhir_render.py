@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -57,12 +57,14 @@ def fragment(s: Stored, summary: str | None = None, elements: list[str] | None =
 
 def searchset(base: str, path: str, params: list[tuple[str, str]], result: SearchResult) -> bytes:
     req = result.request
-    keep = [(k, v) for k, v in params if k not in ("_offset", "_page")]
-    links = [{"relation": "self", "url": _url(base, path, keep + ([("_offset", str(req.offset))] if req.offset else []))}]
+    # Paging links repeat the criteria and carry one _count and one _offset.
+    keep = [(k, v) for k, v in params if k not in ("_offset", "_page", "_count")]
+    page = [("_count", str(req.count))]
+    links = [{"relation": "self", "url": _url(base, path, keep + page + ([("_offset", str(req.offset))] if req.offset else []))}]
     if result.has_more:
-        links.append({"relation": "next", "url": _url(base, path, keep + [("_count", str(req.count)), ("_offset", str(req.offset + req.count))])})
+        links.append({"relation": "next", "url": _url(base, path, keep + page + [("_offset", str(req.offset + req.count))])})
     if req.offset > 0:
-        links.append({"relation": "previous", "url": _url(base, path, keep + [("_count", str(req.count)), ("_offset", str(max(0, req.offset - req.count)))])})
+        links.append({"relation": "previous", "url": _url(base, path, keep + page + [("_offset", str(max(0, req.offset - req.count)))])})
     entries = [
         {"fullUrl": f"{base}/{s.resource_type}/{s.id}", "resource": fragment(s, req.summary, req.elements), "search": {"mode": "match"}}
         for s in result.matches
@@ -82,22 +84,38 @@ def searchset(base: str, path: str, params: list[tuple[str, str]], result: Searc
     return orjson.dumps(bundle)
 
 
-def history_bundle(base: str, path: str, items: list[Stored], params: list[tuple[str, str]], count: int, offset: int) -> bytes:
+def history_bundle(base: str, path: str, items: list[Stored], params: list[tuple[str, str]], count: int, offset: int,
+                   *, has_more: bool = False) -> bytes:
+    """A history Bundle (R4 3.1.0.9): every entry has the request that made the
+    version and the response it got; a deletion has no resource."""
     entries = []
     for s in items:
         e: dict[str, Any] = {"fullUrl": f"{base}/{s.resource_type}/{s.id}"}
         if s.content is not None and not s.deleted:
             e["resource"] = orjson.Fragment(s.content)
-        method = "DELETE" if s.deleted else ("POST" if s.version_id == 1 else "PUT")
-        e["request"] = {"method": method, "url": f"{s.resource_type}/{s.id}" if method != "POST" else s.resource_type}
-        e["response"] = {"status": "204" if s.deleted else ("201" if s.version_id == 1 else "200"), "etag": s.etag,
-                         "lastModified": s.last_updated.isoformat()}
+        method = "DELETE" if s.deleted else (s.method or ("POST" if s.version_id == 1 else "PUT"))
+        created = method == "POST" or (method == "PUT" and s.version_id == 1)
+        e["request"] = {"method": method, "url": s.resource_type if method == "POST" else f"{s.resource_type}/{s.id}"}
+        response: dict[str, Any] = {"status": "204 No Content" if s.deleted else ("201 Created" if created else "200 OK")}
+        if not s.deleted:
+            response["location"] = f"{s.resource_type}/{s.id}/_history/{s.version_id}"
+        response["etag"] = s.etag
+        response["lastModified"] = instant(s.last_updated)
+        e["response"] = response
         entries.append(e)
-    keep = [(k, v) for k, v in params if k not in ("_offset",)]
-    links = [{"relation": "self", "url": _url(base, path, params)}]
-    if len(items) == count:
-        links.append({"relation": "next", "url": _url(base, path, keep + [("_offset", str(offset + count))])})
+    keep = [(k, v) for k, v in params if k not in ("_offset", "_count")]
+    page = [("_count", str(count))]
+    links = [{"relation": "self", "url": _url(base, path, keep + page + ([("_offset", str(offset))] if offset else []))}]
+    if has_more:
+        links.append({"relation": "next", "url": _url(base, path, keep + page + [("_offset", str(offset + count))])})
+    if offset > 0:
+        links.append({"relation": "previous", "url": _url(base, path, keep + page + [("_offset", str(max(0, offset - count)))])})
     return orjson.dumps({"resourceType": "Bundle", "type": "history", "link": links, "entry": entries})
+
+
+def instant(dt: datetime) -> str:
+    """A FHIR instant in UTC with milliseconds, as meta.lastUpdated is written."""
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _url(base: str, path: str, params: list[tuple[str, str]]) -> str:

@@ -1,0 +1,52 @@
+"""The navigation of the patient portal and of the professional workspace.
+
+Features hang their pages here: a feature that ships its pages sets
+``available=True`` on its item and registers its own route for ``path``. Items
+not yet available lead to an honest "coming soon" page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PORTAL, WORKSPACE = "portal", "workspace"
+
+
+@dataclass(frozen=True)
+class NavItem:
+    key: str
+    path: str
+    label: str  # message key
+    description: str  # message key, shown on the home page cards
+    available: bool = False
+    roles: frozenset[str] = frozenset()  # empty = every role of the space
+
+
+PORTAL_NAV: tuple[NavItem, ...] = (
+    NavItem("home", "/portal", "nav.home", "portal.home.lead", available=True),
+    NavItem("appointments", "/portal/appointments", "nav.appointments", "portal.card.appointments"),
+    NavItem("records", "/portal/records", "nav.records", "portal.card.records"),
+    NavItem("messages", "/portal/messages", "nav.messages", "portal.card.messages"),
+    NavItem("telehealth", "/portal/telehealth", "nav.telehealth", "portal.card.telehealth"),
+    NavItem("monitoring", "/portal/monitoring", "nav.monitoring", "portal.card.monitoring"),
+    NavItem("account", "/account", "nav.account", "portal.card.account", available=True),
+)
+
+WORKSPACE_NAV: tuple[NavItem, ...] = (
+    NavItem("home", "/workspace", "nav.home", "workspace.home.lead", available=True),
+    NavItem("agenda", "/workspace/agenda", "nav.agenda", "workspace.card.agenda"),
+    NavItem("patients", "/workspace/patients", "nav.patients", "workspace.card.patients"),
+    NavItem("messages", "/workspace/messages", "nav.messages", "workspace.card.messages"),
+    NavItem("telehealth", "/workspace/telehealth", "nav.telehealth", "workspace.card.telehealth"),
+    NavItem("directory", "/workspace/directory", "nav.directory", "workspace.card.directory"),
+    NavItem("administration", "/workspace/administration", "nav.administration", "workspace.card.administration",
+            roles=frozenset({"admin"})),
+    NavItem("account", "/account", "nav.account", "workspace.card.account", available=True),
+)
+
+NAV = {PORTAL: PORTAL_NAV, WORKSPACE: WORKSPACE_NAV}
+HOME = {PORTAL: "/portal", WORKSPACE: "/workspace"}
+
+
+def items_for(space: str, role: str) -> list[NavItem]:
+    return [i for i in NAV[space] if not i.roles or role in i.roles]
