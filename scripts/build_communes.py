@@ -83,7 +83,7 @@ def centroid_of(hexstr: str) -> tuple[float, float] | None:
             pos = polygon(pos + 5)
     a_sum = cx = cy = 0.0
     for pts in polys:
-        for (x1, y1), (x2, y2) in zip(pts, pts[1:]):
+        for (x1, y1), (x2, y2) in zip(pts, pts[1:], strict=False):
             cross = x1 * y2 - x2 * y1
             a_sum += cross
             cx += (x1 + x2) * cross

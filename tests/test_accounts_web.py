@@ -283,3 +283,34 @@ def test_catalogs_are_complete() -> None:
     assert i18n.negotiate(account_locale=None, cookie=None, accept_language="de-DE,en;q=0.5") == "en"
     assert i18n.negotiate(account_locale=None, cookie=None, accept_language=None) == "fr"
     assert i18n.negotiate(account_locale="en", cookie="fr", accept_language="fr") == "en"
+
+
+async def test_proxy_admin_and_staff_land_in_their_spaces(web: Web, client) -> None:
+    from tests.accounts_helpers import create_resource
+
+    pid = await new_patient(client)
+    rp = await create_resource(client, {"resourceType": "RelatedPerson", "patient": {"reference": f"Patient/{pid}"},
+                                        "name": [{"family": "Lefèvre", "given": ["Marc"]}],
+                                        "relationship": [{"text": "Fils"}]})
+    proxy = await new_account(web.platform, "proxy", f"RelatedPerson/{rp}")
+    async with web.client() as c:
+        r = await sign_in(c, proxy.email)
+        assert r.headers["location"] == "/portal"
+        assert "Bonjour Marc Lefèvre" in (await c.get("/portal")).text
+    secret = totp_codes.new_secret()
+    admin = await new_account(web.platform, "admin", None, totp_secret=secret, display_name="ARS Occitanie")
+    staff_secret = totp_codes.new_secret()
+    staff = await new_account(web.platform, "staff", None, totp_secret=staff_secret)
+    async with web.client() as c:
+        await sign_in(c, admin.email)
+        await post_form(c, "/signin/totp", "/signin/totp", code=totp_now(secret, web.platform.clock.now()))
+        home = await c.get("/workspace")
+        assert "Bonjour ARS Occitanie" in home.text and "/workspace/administration" in home.text
+        assert (await c.get("/workspace/administration")).status_code == 200
+    async with web.client() as c:
+        r = await sign_in(c, staff.email)
+        assert r.headers["location"] == "/signin/totp"  # staff too need the second factor
+        assert (await c.get("/workspace/administration")).status_code == 303
+        await post_form(c, "/signin/totp", "/signin/totp", code=totp_now(staff_secret, web.platform.clock.now()))
+        assert (await c.get("/workspace")).status_code == 200
+        assert (await c.get("/workspace/administration")).status_code == 403  # administrators only

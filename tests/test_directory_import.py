@@ -122,7 +122,8 @@ async def test_csv_import_is_idempotent_and_rejects_bad_rows(platform: Platform,
     text = _csv(rpps, org)
     first = await import_csv(platform, text)
     assert first.rows == 6
-    assert [(e.where, e.message.split(":")[0]) for e in first.errors] == [("line 4", "specialty"), ("line 7", "the place needs insee, or postal_code (and city)")]
+    assert [(e.where, e.message.split(":")[0]) for e in first.errors] == [
+        ("line 4", "specialty"), ("line 7", "the place needs insee, or postal_code (and city)")]
     # Rows 2, 3 and 5 share a practice (rows 2 and 3 also their place); row 6 is another practice.
     assert dict(first.created) == {"Organization": 2, "Location": 3, "Practitioner": 4, "HealthcareService": 6, "PractitionerRole": 4}
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from parcours.core.errors import BadRequest
 from parcours.services.directory.geo import communes, haversine_km
 from parcours.services.directory.nomenclatures import PROFESSION_SYSTEM, SPECIALTY_SYSTEM, nomenclatures
 from tests.conftest import FIXTURES
@@ -80,11 +81,12 @@ def test_communes_lookup_and_distances() -> None:
     assert geo.resolve_place("80021") is amiens
     assert geo.resolve_place("80000") is amiens
     assert geo.resolve_place("amiens") is amiens
+    assert geo.resolve_place("Saint Quentin").code == "02691"
     # Paris is listed by arrondissement for generation; the city row stays for lookups.
     assert geo.get("75056").name == "Paris"
     assert not any(c.code == "75056" for c in geo.in_region("11"))
     assert sum(1 for c in geo.in_region("32")) > 3700
-    with pytest.raises(Exception):
+    with pytest.raises(BadRequest, match="Unknown place"):
         geo.resolve_place("Nowhere-sur-Rien")
 
 

@@ -381,6 +381,25 @@ def test_server_runs_export_jobs_in_its_lifespan(live_server: str, live_token: s
         assert httpx.get(files[0]["url"]).status_code == 401
 
 
+async def test_a_failing_job_answers_500(xc, worker, monkeypatch) -> None:
+    async def disk_full(self, batch) -> None:  # type: ignore[no-untyped-def]
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(export._TypeFiles, "write", disk_full)
+    t0 = since_now()
+    await patient(xc, uniq("fail"))
+    status_url = await kick_off(xc, _type="Patient", _since=t0)
+    deadline = time.monotonic() + 20
+    while (r := await xc.get(status_url)).status_code == 202 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert r.status_code == 500
+    assert r.json()["resourceType"] == "OperationOutcome" and "No space left" in r.text
+    monkeypatch.undo()
+    # The export's cursor was closed on its own connection: the pool still serves.
+    assert (await xc.get("/fhir/Patient", params={"_count": "1"})).status_code == 200
+    assert (await xc.delete(status_url)).status_code == 202
+
+
 async def test_migration_matches_the_job_table(xplatform) -> None:
     async with xplatform.pool.connection() as conn:
         cur = await conn.execute("SELECT column_name, is_nullable FROM information_schema.columns WHERE table_name = 'export_job'")

@@ -133,13 +133,13 @@ async def test_ndjson_reports_the_invalid_line_and_imports_the_others(client, pg
     code, report, output = await _import(pg_uri, tmp_path, path)
     assert code == 1, output  # a rejected resource makes the exit status 1
     (f,) = report["files"]
-    assert f["status"] == "imported"
+    assert f["status"] == "partial"
     assert f["counts"] == {"Condition": 1, "Observation": 3, "Patient": 1}
     (error,) = f["errors"]
     assert error["index"] == 3 and "Observation.status" in error["message"] and "bogus" in error["message"]
     assert "line 3" in output
     assert report["totals"] | {"elapsed_s": 0, "resources_per_s": 0} == {
-        "files": 1, "by_status": {"imported": 1}, "resources": 5, "counts": {"Observation": 3, "Condition": 1, "Patient": 1},
+        "files": 1, "by_status": {"partial": 1}, "resources": 5, "counts": {"Observation": 3, "Condition": 1, "Patient": 1},
         "errors": 1, "elapsed_s": 0, "resources_per_s": 0, "validated": True}
     assert len(await _ids(client, "Observation", u, subject=f"Patient/{u}-p1")) == 3
     # The file was completed (with its rejected line): a rerun skips it.
@@ -198,7 +198,7 @@ async def test_ndjson_interrupted_half_way_resumes_without_duplicates(client, pg
     code, report, output = await _import(pg_uri, tmp_path, path, "--batch-size", "2")
     assert code == 1, output  # line 3 is still invalid
     (f,) = report["files"]
-    assert f["status"] == "imported" and "resumed after line 2" in f["note"]
+    assert f["status"] == "partial" and "resumed after line 2" in f["note"]
     assert f["counts"] == {"Condition": 1, "Observation": 2}
     assert len(await _ids(client, "Observation", u)) == 3
     assert len(await _ids(client, "Patient", u)) == 1

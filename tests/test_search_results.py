@@ -269,7 +269,7 @@ async def labelled(client) -> tuple[str, list[dict[str, Any]]]:  # type: ignore[
         return tagged({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "meta": meta}, run)
 
     return run, await create_all(client, [obs("urgent", "fr-bp", "N"), obs("routine", "fr-bp-child", "N"),
-                                          obs(None, "fr-weight", None), obs("urgent", None, "N")])
+                                          obs(None, "fr-weight|1.0", None), obs("urgent", None, "N")])
 
 
 def meta_tags(r: dict[str, Any]) -> set[str]:
@@ -284,6 +284,7 @@ META_CASES = [
     ("_profile", f"{PROFILE}/fr-bp", lambda r: f"{PROFILE}/fr-bp" in r["meta"].get("profile", [])),
     ("_profile:below", f"{PROFILE}/fr-bp", lambda r: any(p.startswith(f"{PROFILE}/fr-bp") for p in r["meta"].get("profile", []))),
     ("_profile:missing", "true", lambda r: "profile" not in r["meta"]),
+    ("_profile", f"{PROFILE}/fr-weight", lambda r: any(p.split("|")[0] == f"{PROFILE}/fr-weight" for p in r["meta"].get("profile", []))),
     ("_security", f"{CONF}|N", lambda r: any(s["code"] == "N" for s in r["meta"].get("security", []))),
     ("_security:missing", "true", lambda r: not r["meta"].get("security")),
 ]

@@ -427,3 +427,35 @@ async def test_number_and(client, risks: Data) -> None:  # type: ignore[no-untyp
     expected = risks.expected("RiskAssessment", lambda r: number_matches("gt0.1", *probability(r)) and number_matches("lt0.3", *probability(r)))
     assert await risks.found(client, "RiskAssessment", "probability=gt0.1&probability=lt0.3") == expected
     assert len(expected) >= 3
+
+
+# -- canonical references with a version, and Timing values ------------------------------------
+async def test_canonical_reference_with_version(client) -> None:  # type: ignore[no-untyped-def]
+    run = uniq("canon")
+    url = f"http://example.org/{run}/Questionnaire/phq9"
+    bodies = [tagged({"resourceType": "QuestionnaireResponse", "status": "completed", "questionnaire": q}, run)
+              for q in (f"{url}|2.0", f"{url}|1.0", url, f"{url}-bis")]
+    created = await create_all(client, bodies)
+    data = Data(run, created)
+    cases = {
+        url: lambda q: q.split("|")[0] == url,  # the url alone matches every version
+        f"{url}|2.0": lambda q: q == f"{url}|2.0",
+        f"{url}|3.0": lambda q: False,
+    }
+    for value, pred in cases.items():
+        expected = data.expected("QuestionnaireResponse", lambda r: pred(r["questionnaire"]))
+        assert await data.found(client, "QuestionnaireResponse", f"questionnaire={value}") == expected
+
+
+async def test_timing_with_repeat_bounds(client) -> None:  # type: ignore[no-untyped-def]
+    run = uniq("timing")
+    (patient,) = await create_all(client, [tagged({"resourceType": "Patient"}, run)])
+    bounds = [{"start": "2024-01-01", "end": "2024-03-31"}, {"start": "2025-06-01"}]
+    bodies = [tagged({"resourceType": "CarePlan", "status": "active", "intent": "plan", "subject": {"reference": ref(patient)},
+                      "activity": [{"detail": {"status": "scheduled", "scheduledTiming": {
+                          "repeat": {"boundsPeriod": b, "frequency": 1, "period": 1, "periodUnit": "d"}}}}]}, run) for b in bounds]
+    data = Data(run, await create_all(client, bodies))
+    for value in ("ge2024-03-01", "lt2024-02", "2024", "gt2030", "eb2025-01-01", "sa2024-12-31"):
+        expected = data.expected("CarePlan", lambda r: date_matches(
+            value, period_range(r["activity"][0]["detail"]["scheduledTiming"]["repeat"]["boundsPeriod"])))
+        assert await data.found(client, "CarePlan", f"activity-date={value}") == expected, value

@@ -165,7 +165,8 @@ def search_cmd(
     for h in result.as_json()["results"]:
         what = ", ".join(s["label"] for s in h["specialties"]) or ", ".join(s["label"] for s in h["professions"])
         out.print(f"{h['distanceKm']:6.1f} km  {h['practitioner']['name']:30} {what:28} {h['location']['address']}")
-    out.print(f"{len(result.hits)} shown" + (f" of {result.total}" if result.total is not None else ", more available" if result.has_more else ""))
+    more = f" of {result.total}" if result.total is not None else ", more available" if result.has_more else ""
+    out.print(f"{len(result.hits)} shown{more}")
 
 
 @demo_app.command("generate")

@@ -75,7 +75,7 @@ def import_files(
     raise typer.Exit(0 if result.ok else 1)
 
 
-_STYLE = {"imported": "green", "skipped": "dim", "ignored": "dim", "failed": "bold red"}
+_STYLE = {"imported": "green", "partial": "yellow", "skipped": "dim", "ignored": "dim", "failed": "bold red"}
 
 
 def _print(out: Console, result: ImportReport, summary: bool) -> None:
@@ -87,7 +87,7 @@ def _print(out: Console, result: ImportReport, summary: bool) -> None:
         if summary and f.status != "failed" and not f.errors:
             continue
         by_type = ", ".join(f"{t} {n}" for t, n in sorted(f.counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        status = f"[{_STYLE.get(f.status, '')}]{f.status}[/]" + (f" [dim]({escape(f.note)})[/]" if f.note else "")
+        status = f"[{_STYLE.get(f.status, 'default')}]{f.status}[/]" + (f" [dim]({escape(f.note)})[/]" if f.note else "")
         table.add_row(escape(f.path), status, f"{f.resources:,}", by_type, str(len(f.errors)) if f.errors else "")
     if table.rows:
         out.print(table)

@@ -206,6 +206,8 @@ def _quantity_rows(code: str, value: Any) -> Iterator[SideRow]:
 def reference_values(code: str, value: Any, iv: IndexValues, base_url: str | None) -> bool:
     if isinstance(value, str):  # canonical / uri used as reference
         iv.refs.append(f"{code}{SEP}{value}")
+        if "|" in value:  # canonical|version: the url alone matches every version
+            iv.refs.append(f"{code}{SEP}{value.split('|', 1)[0]}")
         return True
     if not isinstance(value, dict):
         return False
@@ -242,6 +244,8 @@ def _index_param(sp: SearchParam, values: list[Any], iv: IndexValues, base_url: 
         elif kind == "uri":
             if isinstance(v, str):
                 iv.rows.append((code, None, v, None, None, None, None, None, None))
+                if "|" in v:  # canonical|version: the url alone matches every version
+                    iv.rows.append((code, None, v.split("|", 1)[0], None, None, None, None, None, None))
                 added = True
         elif kind == "date":
             for lo, hi in _date_ranges(v):

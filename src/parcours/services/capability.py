@@ -99,9 +99,11 @@ def _statement(reg: Registry, fhir_base: str) -> bytes:
             {
                 "mode": "server",
                 "documentation": (
+                    "Conditional create takes If-None-Exist (or the criteria as the query string of the POST). "
                     "Conditional delete removes several matches only when asked with 'Prefer: handling=multiple'; "
                     "otherwise several matches are a 412. PATCH takes JSON Patch (and JSON Merge Patch); "
-                    "FHIRPath Patch is not supported."
+                    "FHIRPath Patch is not supported. Read honours If-None-Match and If-Modified-Since; "
+                    "update, patch and delete honour If-Match."
                 ),
                 "security": {"cors": False, "description": "Bearer tokens (SMART on FHIR scopes) on every call but /metadata"},
                 "resource": _resources(reg),

@@ -28,7 +28,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,7 +57,8 @@ NDJSON = "application/fhir+ndjson"
 
 RETENTION = timedelta(hours=24)  # files of a finished job stay this long (or until DELETE)
 LEASE = timedelta(seconds=60)  # a running job whose worker has not beaten for this long is taken over
-BEAT_EVERY_S = 5.0
+BEAT_EVERY_S = 5.0  # heartbeat within a long type
+BEAT_MIN_S = 1.0  # between types (so a cancel is seen within about a second)
 MAX_ATTEMPTS = 3  # claims of one job (a job that kills its worker every time fails in the end)
 PURGE_EVERY_S = 60.0
 
@@ -284,27 +285,35 @@ class Worker:
             list(p.registry.resource_types) if job["level"] == "system" else list(p.registry.patient_compartment))
         output: list[dict] = []
         total = 0
-        last_beat = time.monotonic()
-        for n, rtype in enumerate(types):
-            await self._beat(job, f"{n}/{len(types)} types, {total} resources")
-            last_beat = time.monotonic()
-            files = _TypeFiles(directory, rtype, job["file_lines"])
-            try:
-                async with p.transaction(caller) as repo:
-                    async for batch in repo.export_iter(rtype, since=job["since"], until=job["transaction_time"], patients=patients,
-                                                        any_patient=job["level"] == "patient"):
-                        await files.write(batch)
-                        total += len(batch)
-                        if time.monotonic() - last_beat > BEAT_EVERY_S:
-                            await self._beat(job, f"{n}/{len(types)} types ({rtype}), {total} resources")
-                            last_beat = time.monotonic()
-            except Forbidden as e:
-                # Types the client did not name and may not read are left out silently.
-                if named:
-                    issues.append(Issue("forbidden", f"{rtype} was not exported: {e.message}", severity="warning"))
-            finally:
-                files.close()
-            output.extend(files.files)
+        # One read-committed transaction: each type is one statement, with its own snapshot
+        # while it runs, so a long job holds back no vacuum.
+        last_beat = 0.0
+        async with p.transaction(caller) as repo:
+            for n, rtype in enumerate(types):
+                if self.stop.is_set() or time.monotonic() - last_beat > BEAT_MIN_S:
+                    await self._beat(job, f"{n}/{len(types)} types, {total} resources")
+                    last_beat = time.monotonic()
+                files = _TypeFiles(directory, rtype, job["file_lines"])
+                # aclosing: the server-side cursor is closed here, on this connection, even when
+                # the loop is left early (cancel, error), not later by the garbage collector.
+                batches = repo.export_iter(rtype, since=job["since"], until=job["transaction_time"], patients=patients,
+                                           any_patient=job["level"] == "patient")
+                try:
+                    async with aclosing(batches):
+                        async for batch in batches:
+                            await files.write(batch)
+                            total += len(batch)
+                            if time.monotonic() - last_beat > BEAT_EVERY_S:
+                                await self._beat(job, f"{n}/{len(types)} types ({rtype}), {total} resources")
+                                last_beat = time.monotonic()
+                except Forbidden as e:
+                    # Refused before any statement ran. Types the client did not name and may
+                    # not read are left out silently.
+                    if named:
+                        issues.append(Issue("forbidden", f"{rtype} was not exported: {e.message}", severity="warning"))
+                finally:
+                    files.close()
+                output.extend(files.files)
         errors = []
         if issues:
             lines = [orjson.dumps({"resourceType": "OperationOutcome", "issue": [i.to_fhir()]}).decode() for i in issues]

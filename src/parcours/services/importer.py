@@ -83,7 +83,7 @@ class FileReport:
     path: str
     sha256: str = ""
     size: int = 0
-    status: str = "pending"  # imported | failed | skipped | ignored
+    status: str = "pending"  # imported | partial (some rejected) | failed | skipped | ignored
     counts: dict[str, int] = field(default_factory=dict)
     errors: list[EntryError] = field(default_factory=list)
     note: str = ""
@@ -192,6 +192,7 @@ class _Unit:
     errors: list[EntryError] = field(default_factory=list)
     failed: bool = False  # nothing of it may be written
     ignored: str = ""  # not FHIR data: why
+    note: str = ""
     transaction: list[dict] | None = None  # a transaction Bundle's entries for services.bundles
     batch_entries: list[tuple[int, dict]] = field(default_factory=list)  # batch entries for services.bundles
     position: int = 0  # NDJSON: lines done once this unit is written
@@ -203,13 +204,15 @@ class _Unit:
 
 
 def _describe(issues: Sequence[Issue]) -> str:
-    return "; ".join(f"{', '.join(i.expression)}: {i.diagnostics}" if i.expression else i.diagnostics for i in issues)
+    return "; ".join(
+        f"{', '.join(i.expression)}: {i.diagnostics}" if i.expression and not i.diagnostics.startswith(i.expression[0]) else i.diagnostics
+        for i in issues)
 
 
 def _has_conditional_reference(node: Any) -> bool:
     if isinstance(node, dict):
         ref = node.get("reference")
-        if isinstance(ref, str) and "?" in ref and not ref.startswith(("http:", "https:", "urn:", "#")):
+        if isinstance(ref, str) and _conditional(ref):
             return True
         return any(_has_conditional_reference(v) for v in node.values() if isinstance(v, (dict, list)))
     if isinstance(node, list):
@@ -224,9 +227,26 @@ def _request_problem(e: Any, i: int) -> str | None:
     return None
 
 
-def _bulk_eligible(e: Any) -> bool:
-    """A plain create or update: the bulk path writes it as the API would."""
-    if not isinstance(e.resource, dict) or _has_conditional_reference(e.resource):
+_REFERENCE_RE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _references(data: bytes) -> set[str]:
+    """Every ``reference`` string of a JSON document, found in its text: one scan of
+    the file spares walking every resource when none can need it."""
+    out = set()
+    for raw in _REFERENCE_RE.findall(data):
+        out.add(orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode("utf-8", "replace"))
+    return out
+
+
+def _conditional(ref: str) -> bool:
+    return "?" in ref and not ref.startswith(("http:", "https:", "urn:", "#"))
+
+
+def _bulk_eligible(e: Any, conditional_refs: bool = True) -> bool:
+    """A plain create or update: the bulk path writes it as the API would.
+    ``conditional_refs``: whether the file may hold conditional references at all."""
+    if not isinstance(e.resource, dict) or (conditional_refs and _has_conditional_reference(e.resource)):
         return False
     if e.method == "POST":
         return len(e.path) == 1 and not e.query and not e.request.get("ifNoneExist")
@@ -297,7 +317,7 @@ class _Preparer:
                 resource = bundles.rewrite_references(resource, id_map)
             self.add(index, resource.get("resourceType"), rid, resource, method)
 
-    def transaction(self, unit: _Unit, entries: list[Any]) -> None:
+    def transaction(self, unit: _Unit, entries: list[Any], refs: set[str]) -> None:
         for i, e in enumerate(entries):
             if (problem := _request_problem(e, i)) is not None:
                 self.errors.append(EntryError(i, problem))
@@ -311,7 +331,8 @@ class _Preparer:
             unit.failed = True
             self.errors.extend(_entry_errors(err))
             return
-        if not all(_bulk_eligible(e) for e in parsed):
+        conditional = any(_conditional(r) for r in refs)
+        if not all(_bulk_eligible(e, conditional) for e in parsed):
             unit.transaction = entries
             return
         id_map: dict[str, str] = {}
@@ -320,6 +341,7 @@ class _Preparer:
             ids[e.index] = new_id() if e.method == "POST" else e.path[1]
             if e.full_url:
                 id_map[e.full_url] = f"{e.rtype}/{ids[e.index]}"
+        dangling = any(r.startswith("urn:uuid:") and r not in id_map for r in refs)
         for e in sorted(parsed, key=lambda e: bundles.ORDER[e.method]):
             resource = bundles.rewrite_references(e.resource, id_map)
             rid = ids[e.index]
@@ -331,7 +353,7 @@ class _Preparer:
             elif resource.get("id") != rid:
                 self.errors.append(EntryError(e.index, f"The resource id ({resource.get('id')!r}) must match the URL id ({rid!r})"))
                 continue
-            left = bundles.first_unresolved(resource, e.rtype)
+            left = bundles.first_unresolved(resource, e.rtype) if dangling else None
             if left:
                 self.errors.append(EntryError(e.index, f"{left[0]}: the reference {left[1]!r} matches no fullUrl of this transaction"))
                 continue
@@ -340,17 +362,22 @@ class _Preparer:
             unit.failed = True
             self.builder.batches()
 
-    def batch(self, unit: _Unit, entries: list[Any]) -> None:
+    def batch(self, unit: _Unit, entries: list[Any], refs: set[str]) -> None:
+        conditional = any(_conditional(r) for r in refs)
+        reads = 0
         for i, e in enumerate(entries):
             if (problem := _request_problem(e, i)) is not None:
                 self.errors.append(EntryError(i, problem))
+                continue
+            if e["request"]["method"] in ("GET", "HEAD"):  # nothing to import; entries are independent
+                reads += 1
                 continue
             try:
                 parsed = bundles.parse_entry(e, i, self.ctx.base_url)
             except ParcoursError as err:
                 self.errors.extend(_entry_errors(err, i))
                 continue
-            if not _bulk_eligible(parsed):
+            if not _bulk_eligible(parsed, conditional):
                 unit.batch_entries.append((i, e))
                 continue
             resource = parsed.resource
@@ -363,12 +390,17 @@ class _Preparer:
                     self.errors.append(EntryError(i, f"The resource id ({resource.get('id')!r}) must match the URL id ({rid!r})"))
                     continue
             self.add(i, parsed.rtype, rid, resource, parsed.method)
+        if reads:
+            unit.note = f"{reads} read entries (GET) passed over"
 
 
 def _entry_errors(err: ParcoursError, default: int | None = None) -> list[EntryError]:
+    """One error per issue, at the entry the issue names (the report gives the index)."""
     out = []
     for issue in err.issues or [Issue("processing", str(err))]:
         m = _ENTRY_RE.search(issue.diagnostics) or next((m for x in issue.expression if (m := _ENTRY_RE.search(x))), None)
+        if m and issue.diagnostics.startswith(m.group(0) + ": "):
+            issue = Issue(issue.code, issue.diagnostics[len(m.group(0)) + 2 :], issue.severity, issue.expression)
         out.append(EntryError(int(m.group(1)) if m else default, _describe([issue])))
     return out
 
@@ -394,9 +426,9 @@ def _prepare_file(file: int, path: str, ctx: _Context) -> _Unit:
         unit.errors.append(EntryError(None, "Bundle.entry must be an array"))
         return unit
     if btype == "transaction":
-        p.transaction(unit, entries)
+        p.transaction(unit, entries, _references(data))
     elif btype == "batch":
-        p.batch(unit, entries)
+        p.batch(unit, entries, _references(data))
     elif btype in ("collection", "searchset"):
         kept = [(i, e) for i, e in enumerate(entries)
                 if not (isinstance(e, dict) and isinstance(e.get("search"), dict) and e["search"].get("mode") == "outcome")]
@@ -493,7 +525,7 @@ class Importer:
         for f in files:
             r = f.report
             if r.status == "pending":
-                r.status = "failed" if f.dropped else "imported"
+                r.status = "failed" if f.dropped or (r.errors and not r.counts) else "partial" if r.errors else "imported"
         return ImportReport([f.report for f in files], time.perf_counter() - started, self.validate)
 
     async def _plan(self, files: list[_File]) -> list[_File]:
@@ -595,6 +627,9 @@ class Importer:
                 r.status, r.note = "ignored", unit.ignored
                 self._bytes_done += unit.size
                 continue
+            if unit.note:
+                r = files[unit.file].report
+                r.note = "; ".join(x for x in (r.note, unit.note) if x)
             group.append(unit)
             grouped += unit.resources
             if grouped >= self.batch_size:
@@ -650,6 +685,8 @@ class Importer:
                 resources, errors = running.get(unit.file, (f.resources, f.errors))
                 resources, errors = resources + sum(out.counts.values()), errors + len(out.errors)
                 running[unit.file] = (resources, errors)
+                if not f.ndjson and errors and not resources:
+                    continue  # nothing of it could be stored: a rerun tries it again
                 await journal.record(
                     f.report.sha256, path=str(f.path), size=f.report.size,
                     status=ImportJournal.COMPLETE if unit.last else ImportJournal.RUNNING,
@@ -661,6 +698,11 @@ class Importer:
         out = _Outcome(errors=list(unit.errors), failed=unit.failed)
         if unit.failed:
             return out
+        try:
+            for rtype in {t for b in unit.batches for t in b.counts()}:
+                repo.authorize("create", rtype)
+        except ParcoursError as err:  # this file is refused; the others go on
+            return _Outcome(errors=_entry_errors(err), failed=True)
         if unit.transaction is not None or unit.batch_entries:
             await writer.flush()  # what came before is visible to conditional matches
         if unit.transaction is not None:

@@ -66,12 +66,13 @@ stage = Table(
     Column("ord", BigInteger, Identity()),
     Column("rtype", Text), Column("id", Text), Column("version_id", Integer),
     Column("last_updated", DateTime(timezone=True)), Column("method", Text), Column("content", Text),
-    Column("tokens", ARRAY(Text)), Column("refs", ARRAY(Text)), Column("compartments", ARRAY(Text)),
     Column("narr", Text), Column("txt", Text),
+    Column("tokens", ARRAY(Text)), Column("refs", ARRAY(Text)), Column("compartments", ARRAY(Text)),
     prefixes=["TEMPORARY"],
 )
-_STAGE_COLUMNS = ("rtype", "id", "version_id", "last_updated", "method", "content", "tokens", "refs", "compartments", "narr", "txt")
-_STAGE_TYPES = ("text", "text", "int4", "timestamptz", "text", "text", "text[]", "text[]", "text[]", "text", "text")
+# The three text[] columns come last: they are encoded by _text_array, not by psycopg.
+_STAGE_COLUMNS = ("rtype", "id", "version_id", "last_updated", "method", "content", "narr", "txt", "tokens", "refs", "compartments")
+_STAGE_TYPES = ("text", "text", "int4", "timestamptz", "text", "text", "text", "text")
 _IDX_COLUMNS = ("resource_id", "code", "s", "raw", "lo", "hi", "nlo", "nhi", "sys", "unit")
 _IDX_TYPES = ("text", "text", "text", "text", "timestamptz", "timestamptz", "numeric", "numeric", "text", "text")
 
@@ -98,16 +99,17 @@ _INT4 = struct.Struct(">i").pack
 
 
 class _RowEncoder:
-    """Binary COPY tuples for a fixed list of column types, using psycopg's dumpers."""
+    """Binary COPY tuples for a fixed list of column types, using psycopg's dumpers;
+    ``arrays`` more text[] columns follow."""
 
-    def __init__(self, types: tuple[str, ...]) -> None:
-        oids = [pg_types.get(t[:-2]).array_oid if t.endswith("[]") else pg_types.get(t).oid for t in types]  # type: ignore[union-attr]
+    def __init__(self, types: tuple[str, ...], arrays: int = 0) -> None:
+        oids = [pg_types.get(t).oid for t in types]  # type: ignore[union-attr]
         self._tx = Transformer()
         self._tx.set_dumper_types(oids, Format.BINARY)
         self._formats = [PyFormat.BINARY] * len(types)
-        self._head = struct.pack(">h", len(types))
+        self._head = struct.pack(">h", len(types) + arrays)
 
-    def encode(self, row: tuple[Any, ...], out: bytearray) -> None:
+    def encode(self, row: tuple[Any, ...], out: bytearray, *arrays: list[str]) -> None:
         out += self._head
         for value in self._tx.dump_sequence(row, self._formats):
             if value is None:
@@ -115,6 +117,25 @@ class _RowEncoder:
             else:
                 out += _INT4(len(value))
                 out += value
+        for items in arrays:
+            _text_array(items, out)
+
+
+_ARRAY_HEAD = struct.Struct(">iiiiii").pack  # field length, ndim, flags, element oid, length, lower bound
+_EMPTY_ARRAY = struct.pack(">iiii", 12, 0, 0, 25)
+
+
+def _text_array(items: list[str], out: bytearray) -> None:
+    """A text[] in binary COPY format: twice as fast as psycopg's generic list dumper,
+    which is written in Python."""
+    if not items:
+        out += _EMPTY_ARRAY
+        return
+    encoded = [s.encode() for s in items]
+    out += _ARRAY_HEAD(20 + 4 * len(encoded) + sum(map(len, encoded)), 1, 0, 25, len(encoded), 1)
+    for b in encoded:
+        out += _INT4(len(b))
+        out += b
 
 
 @dataclass
@@ -153,7 +174,7 @@ class BatchBuilder:
         self.registry = registry
         self.base_url = base_url.rstrip("/")
         self.last_updated = last_updated
-        self._stage = _RowEncoder(_STAGE_TYPES)
+        self._stage = _RowEncoder(_STAGE_TYPES, arrays=3)
         self._idx = _RowEncoder(_IDX_TYPES)
         self._done: list[Batch] = []
         self._batch = Batch(last_updated)
@@ -167,8 +188,8 @@ class BatchBuilder:
         # Encoded aside first: a value that cannot be encoded leaves the batch as it was.
         row, idx = bytearray(), bytearray()
         self._stage.encode(
-            (rtype, rid, 1, self.last_updated, method, content, iv.tokens, iv.refs, iv.compartments,
-             iv.narrative[:MAX_FTS_CHARS], iv.content[:MAX_FTS_CHARS]), row)
+            (rtype, rid, 1, self.last_updated, method, content, iv.narrative[:MAX_FTS_CHARS], iv.content[:MAX_FTS_CHARS]),
+            row, iv.tokens, iv.refs, iv.compartments)
         for side in iv.rows:
             self._idx.encode((rid, *side), idx)
         if (rtype, rid) in self._seen:

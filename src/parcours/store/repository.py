@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -118,6 +118,8 @@ def _stmts(rtype: str) -> dict[str, str]:
     out = {
         "read": select(m.c.content, m.c.version_id, m.c.last_updated, m.c.deleted).where(m.c.id == p("id")),
         "lock": select(m.c.version_id, m.c.deleted, m.c.content).where(m.c.id == p("id")).with_for_update(),
+        # update and delete need the version only, not the (possibly large) content
+        "lock_version": select(m.c.version_id, m.c.deleted).where(m.c.id == p("id")).with_for_update(),
         "vread": select(h.c.content, h.c.version_id, h.c.last_updated, h.c.deleted).where(h.c.id == p("id"), h.c.version_id == p("vid")),
         "insert": insert(m).values(
             id=p("id"), version_id=p("vid"), last_updated=p("lu"), deleted=False, content=p("content"),
@@ -263,13 +265,13 @@ class Repository:
             raise BadRequest(msg, [_issue("invalid", msg, f"{rtype}.id")])
         resource = self.prepare(rtype, resource)
         s = _stmts(rtype)
-        row = await (await self.conn.execute(s["lock"], {"id": rid})).fetchone()
+        row = await (await self.conn.execute(s["lock_version"], {"id": rid})).fetchone()
         if row is None:
             if expected is not None:
                 raise PreconditionFailed(f"{rtype}/{rid} does not exist, so it cannot match If-Match {if_match}")
             # Two creates of one new id: the second waits here, then updates what the first wrote.
             await self._lock_key(f"{rtype}/{rid}")
-            row = await (await self.conn.execute(s["lock"], {"id": rid})).fetchone()
+            row = await (await self.conn.execute(s["lock_version"], {"id": rid})).fetchone()
             if row is None:
                 stored = await self._write(rtype, rid, resource, version=1, method="PUT", insert=True)
                 return WriteResult(stored, created=True)
@@ -332,7 +334,7 @@ class Repository:
         nothing to delete (not an error, R4 3.1.0.7)."""
         self.authorize("delete", rtype)
         expected = _parse_etag(if_match)
-        cur = await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})
+        cur = await self.conn.execute(_stmts(rtype)["lock_version"], {"id": rid})
         row = await cur.fetchone()
         if row is None or row[1]:
             if expected is not None:
@@ -652,7 +654,7 @@ class Repository:
     async def export_iter(
         self, rtype: str, *, since: datetime | None = None, until: datetime | None = None,
         patients: Sequence[str] | None = None, any_patient: bool = False, batch: int = 1000,
-    ) -> AsyncIterator[list[Stored]]:
+    ) -> AsyncGenerator[list[Stored], None]:
         """The current resources of one type for $export, in batches from a server-side cursor.
 
         ``since``/``until`` bound lastUpdated (``since`` exclusive, as Bulk Data's
@@ -675,6 +677,7 @@ class Repository:
             await cur.execute(sql, params)
             while rows := await cur.fetchmany(batch):
                 yield [Stored(rtype, r[0], r[1], r[2], r[3]) for r in rows]
+
 
 def _idx_params(rid: str, iv: IndexValues) -> dict[str, Any]:
     cols = list(zip(*iv.rows))

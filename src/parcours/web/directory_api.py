@@ -67,7 +67,7 @@ async def search(request: Request) -> JSONResponse:
         lat, lon = place.lat, place.lon
     offers = list(dict.fromkeys([*qp.getlist("offer"), *(code for flag, code in OFFER_FLAGS.items() if _flag(request, flag))]))
     q = directory_search.DirectoryQuery(
-        lat=lat, lon=lon, radius_km=_float(request, "radius", 10.0) or 10.0,
+        lat=lat, lon=lon, radius_km=_float(request, "radius", 10.0),  # type: ignore[arg-type]
         profession=qp.get("profession") or None, specialty=qp.get("specialty") or None, offers=tuple(offers),
         accepts_new_patients=_flag(request, "new_patients"), language=qp.get("language") or None,
         wheelchair=_flag(request, "wheelchair"), limit=_int(request, "limit", 20), offset=_int(request, "offset", 0),

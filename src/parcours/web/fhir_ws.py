@@ -11,7 +11,11 @@ Protocol (R4 Subscription, websocket channel):
   created or updated, if the token is still valid and the caller may read that
   resource (checked again before each ping);
 * extensions: ``unbind <id>`` answers ``unbound <id>``; a refused command answers
-  ``error <id> <reason>``. An expired token closes the socket (code 1008).
+  ``error <id> <reason>``. An expired token closes the socket (code 1008); a
+  Subscription turned off, put in error or deleted gets no more pings.
+
+The socket is served by the process that accepted it (``events.websocket``), so
+several workers and nodes need no sticky sessions.
 """
 
 from __future__ import annotations

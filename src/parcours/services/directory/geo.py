@@ -66,8 +66,8 @@ class Communes:
                 continue  # its postal codes are its arrondissements'
             for pc in c.postal_codes:
                 self._by_postal.setdefault(pc, []).append(c)
-        # Folded names, with and without hyphens/apostrophes, for autocomplete.
-        self._keys = [(fold(c.name).replace("-", " ").replace("'", " "), c) for c in rows]
+        # Folded names without hyphens or apostrophes, for autocomplete.
+        self._keys = [(_name_key(c.name), c) for c in rows]
 
     def get(self, code: str) -> Commune:
         c = self.by_code.get(code.strip())
@@ -88,17 +88,17 @@ class Communes:
         Bigger communes come first among equal matches, as people most often
         look for the town they know.
         """
-        q = fold(text).replace("-", " ").replace("'", " ").strip()
+        q = _name_key(text)
         if not q:
             return []
         limit = max(1, min(limit, 50))
         if q.isdigit():
-            found = [c for pc, cs in self._by_postal.items() if pc.startswith(q) for c in cs]
-            if len(q) == 5 and q in self.by_code:
-                found.append(self.by_code[q])
-            seen: dict[str, Commune] = {c.code: c for c in found}
-            out = [c for c in seen.values() if region is None or c.region == region]
-            out.sort(key=lambda c: (-c.population, c.name))
+            found = {c.code: c for pc, cs in self._by_postal.items() if pc.startswith(q) for c in cs}
+            out = sorted((c for c in found.values() if region is None or c.region == region), key=lambda c: (-c.population, c.name))
+            # Five digits may also be an INSEE code: that commune comes after the postal-code matches.
+            by_insee = self.by_code.get(q) if len(q) == 5 else None
+            if by_insee is not None and by_insee.code not in found and (region is None or by_insee.region == region):
+                out.append(by_insee)
             return out[:limit]
         scored: list[tuple[int, int, Commune]] = []
         for key, c in self._keys:
@@ -126,13 +126,18 @@ class Communes:
             if hits:
                 return hits[0]
         hits = self.autocomplete(p, limit=1)
-        if hits and fold(hits[0].name) == fold(p):
+        if hits and _name_key(hits[0].name) == _name_key(p):
             return hits[0]
         raise BadRequest(f"Unknown place {place!r}: give an INSEE code, a postal code or a commune name (see /api/directory/places)")
 
     def departement_name(self, code: str) -> str:
         d = self.departements.get(code)
         return d["name"] if d else code
+
+
+def _name_key(text: str) -> str:
+    """'Saint-Quentin', 'saint quentin' and 'SAINT QUENTIN' are one key; so are 'Étaples' and 'etaples'."""
+    return " ".join(fold(text).replace("-", " ").replace("'", " ").split())
 
 
 # Paris, Lyon and Marseille: the commune rows whose arrondissements are also listed.

@@ -30,7 +30,8 @@ Encoding (see ``docs/directory.md``):
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from parcours.services.directory.geo import COMMUNE_SYSTEM, INSEE_CODE_EXTENSION, Commune
 from parcours.services.directory.nomenclatures import (
@@ -339,7 +340,9 @@ def reference_id(ref: dict | None, rtype: str) -> str | None:
 def address_text(addr: dict | None) -> str:
     if not addr:
         return ""
-    return ", ".join(p for p in [" ".join(addr.get("line") or []), " ".join(x for x in (addr.get("postalCode"), addr.get("city")) if x)] if p)
+    street = " ".join(addr.get("line") or [])
+    town = " ".join(x for x in (addr.get("postalCode"), addr.get("city")) if x)
+    return ", ".join(p for p in (street, town) if p)
 
 
 def luhn_ok(number: str) -> bool:

@@ -120,7 +120,8 @@ def nomenclatures() -> Nomenclatures:
     raw = json.loads(resources.files("parcours.services.directory").joinpath("data/nomenclatures.json").read_text("utf-8"))
     sy = raw["systems"]
     return Nomenclatures(
-        professions=Nomenclature(sy["profession"], [Concept(sy["profession"], r["code"], r["fr"], r["en"], r["status"]) for r in raw["professions"]]),
+        professions=Nomenclature(sy["profession"], [
+            Concept(sy["profession"], r["code"], r["fr"], r["en"], r["status"]) for r in raw["professions"]]),
         specialties=Nomenclature(sy["specialty"], [
             Concept(sy["specialty"], r["code"], r["fr"], r["en"], r["status"], r["display"], r["profession"]) for r in raw["specialties"]]),
         care_offers=Nomenclature(sy["care_offer"], [
