@@ -4,8 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OidcProvider(BaseModel):
+    """An external OpenID Connect identity provider people may sign in with.
+
+    Set as JSON in ``PARCOURS_OIDC_PROVIDERS`` (a list); README shows Pro Santé
+    Connect and FranceConnect. The identity is linked to an existing account by
+    ``link_by``: ``rpps`` (the claim ``link_claim`` holds an RPPS number, matched
+    on the identifier of the account's Practitioner), ``email`` (matched on the
+    account's e-mail), or ``subject`` (only accounts already linked to this
+    provider's ``sub``).
+    """
+
+    name: str  # short key used in URLs: /signin/oidc/{name}
+    label: str  # shown on the button: "Pro Santé Connect"
+    issuer: str
+    discovery_url: str | None = None  # default: {issuer}/.well-known/openid-configuration
+    client_id: str
+    client_secret: str | None = None
+    token_auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    scopes: list[str] = Field(default_factory=lambda: ["openid"])
+    acr_values: str | None = None  # Pro Santé Connect: "eidas1"
+    roles: list[str] = Field(default_factory=lambda: ["patient"])  # account roles it signs in
+    link_by: Literal["rpps", "email", "subject"] = "email"
+    link_claim: str = "email"
+    userinfo: bool = False  # also read the claims of the userinfo endpoint (Pro Santé Connect puts the RPPS there)
+    # The provider itself is strong authentication (Pro Santé Connect: e-CPS or CPS card),
+    # so a professional signing in with it skips the TOTP step.
+    second_factor: bool = False
+    # Professionals found in the directory by their RPPS get an account at their first sign-in.
+    create_accounts: bool = False
 
 
 class Settings(BaseSettings):
@@ -50,6 +83,13 @@ class Settings(BaseSettings):
     subscription_retry_seconds: float = 5.0
     subscription_max_attempts: int = 8
     subscription_timeout_seconds: float = 10.0
+    # SMART on FHIR authorization server: lifetimes of access and refresh tokens, and how
+    # long a process may take to see a token revoked by another one (revocation cache).
+    oauth_access_token_minutes: int = 15
+    oauth_refresh_token_days: int = 90
+    oauth_revocation_cache_seconds: float = 5.0
+    # External OpenID Connect identity providers (JSON list, see OidcProvider).
+    oidc_providers: list[OidcProvider] = Field(default_factory=list)
 
     @property
     def fhir_base(self) -> str:

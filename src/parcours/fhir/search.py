@@ -76,6 +76,7 @@ class SearchRequest:
     types: list[str] | None = None  # _type for system search
     ignored: list[str] = field(default_factory=list)
     contained: str = "false"
+    query_string: str = ""  # the query as asked, for the audit trail
 
 
 def split_or(value: str) -> list[str]:
@@ -114,7 +115,9 @@ class SearchParser:
         self.max_count = max_count
 
     def parse(self, resource_type: str | None, items: list[tuple[str, str]], strict: bool = False) -> SearchRequest:
-        req = SearchRequest(resource_type, count=self.default_count)
+        from urllib.parse import urlencode
+
+        req = SearchRequest(resource_type, count=self.default_count, query_string=urlencode(items)[:2000])
         for key, value in items:
             if key in RESULT_PARAMS or key.split(":")[0] in ("_include", "_revinclude"):
                 self._result_param(req, key, value)

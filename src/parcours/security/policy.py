@@ -30,6 +30,9 @@ DIRECTORY = frozenset({"Practitioner", "PractitionerRole", "Organization", "Loca
 SCHEDULING = frozenset({"Schedule", "Slot", "Appointment", "AppointmentResponse"})
 ACCOUNTS = frozenset({"Patient", "RelatedPerson", "Practitioner", "PractitionerRole"})
 PLATFORM_ONLY = frozenset({"AuditEvent"})  # written by the platform alone
+# Rest-hook notifications are sent with the platform's rights: only system clients
+# (integrations registered by the operator) may set them up.
+SYSTEM_WRITE_ONLY = frozenset({"Subscription"})
 # What patients (and their proxies) may write about themselves.
 PATIENT_WRITABLE = frozenset({"QuestionnaireResponse", "DocumentReference", "Communication", "Appointment",
                               "Task", "ServiceRequest", "Consent", "Observation", "Binary", "Media"})
@@ -104,10 +107,14 @@ def decide(caller: Caller, action: str, rtype: str) -> Decision:
     letter = ACTION_LETTER.get(action, "r")
     reading = letter in "rs"
     kind = caller.kind
+    if kind == "platform":
+        return Decision(True, "the platform")
     if rtype in PLATFORM_ONLY and not reading:
-        return Decision(False, f"{rtype} is written by the platform only")
+        return Decision(False, f"{rtype} is written by the platform only: the audit trail is append-only")
     if kind == "system":
         return Decision(True, "system scope")
+    if rtype in SYSTEM_WRITE_ONLY and not reading:
+        return Decision(False, f"{rtype} resources are set up by system clients only")
     if rtype in PLATFORM_ONLY:
         return Decision(kind in ("patient", "proxy", "admin") and reading, "access history" if kind != "admin" else "audit review")
     if rtype in DIRECTORY:
@@ -141,7 +148,7 @@ def decide(caller: Caller, action: str, rtype: str) -> Decision:
 
 def search_scope(caller: Caller, rtype: str, ctx: CareContext) -> Scope:
     """How searches (and every other read) on ``rtype`` are narrowed for this caller."""
-    if caller.kind == "system":
+    if caller.is_system:
         return ALL
     if rtype in DIRECTORY:
         return ALL
@@ -172,6 +179,8 @@ def may_access(caller: Caller, rtype: str, compartments: list[str] | tuple[str, 
                author: str | None, ctx: CareContext) -> Decision:
     """Instance-level decision for one stored resource (reads, updates, deletes)."""
     scope = search_scope(caller, rtype, ctx)
+    if author is not None and author in ctx.identities and not scope.everything:
+        return Decision(True, "author")
     if scope.nothing:
         return Decision(False, f"No care relationship gives access to this {rtype}")
     if scope.everything:

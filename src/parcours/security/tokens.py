@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -35,12 +36,20 @@ def decode(key: str, token: str, *, now: float | None = None) -> dict:
     return dict(tok.claims)
 
 
-def verify(key: str, token: str, *, now: float | None = None) -> Caller:
+def verify(key: str, token: str, *, now: float | None = None, revoked: Container[str] | None = None) -> Caller:
+    """The Caller of a valid token. ``revoked`` holds the ``jti`` of revoked tokens
+    (SMART access tokens carry one; the web edge passes an in-process cache)."""
     claims = decode(key, token, now=now)
+    jti = claims.get("jti")
+    if revoked is not None and isinstance(jti, str) and jti in revoked:
+        raise Unauthorized("The bearer token was revoked", headers=_INVALID)
+    patient = claims.get("patient")
     return Caller(
         kind=str(claims.get("kind", "system")),
         user_id=str(claims["sub"]),
         fhir_user=claims.get("fhirUser"),
         scopes=frozenset(str(claims.get("scope", "")).split()),
         display=str(claims["sub"]),
+        patient_context=f"Patient/{patient}" if isinstance(patient, str) and patient else None,
+        client_id=claims.get("client_id") if isinstance(claims.get("client_id"), str) else None,
     )

@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import re
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -227,7 +228,7 @@ def _request_problem(e: Any, i: int) -> str | None:
     return None
 
 
-_REFERENCE_RE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_REFERENCE_RE = re.compile(rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')
 
 
 def _references(data: bytes) -> set[str]:
@@ -407,7 +408,10 @@ def _entry_errors(err: ParcoursError, default: int | None = None) -> list[EntryE
 
 def _prepare_file(file: int, path: str, ctx: _Context) -> _Unit:
     """A JSON file: one Bundle or one resource."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return _unreadable(file, e)
     unit = _Unit(file, size=len(data))
     try:
         doc = orjson.loads(data)
@@ -457,6 +461,10 @@ def _prepare_lines(file: int, lines: list[bytes], first: int, last: bool, ctx: _
     unit.errors = p.errors
     unit.batches = p.builder.batches()
     return unit
+
+
+def _unreadable(file: int, error: BaseException) -> _Unit:
+    return _Unit(file, failed=True, errors=[EntryError(None, f"Cannot read the file: {error}")])
 
 
 def _warm_worker() -> None:
@@ -567,10 +575,16 @@ class Importer:
                 yield f.report.size, functools.partial(_prepare_file, f.index, str(f.path), ctx())
                 continue
             previous: tuple[list[bytes], int] | None = None
-            for chunk in self._chunks(f):
+            try:
+                for chunk in self._chunks(f):
+                    if previous is not None:
+                        yield sum(map(len, previous[0])), functools.partial(_prepare_lines, f.index, *previous, False, ctx())
+                    previous = chunk
+            except (OSError, EOFError, zlib.error) as e:  # unreadable, or a truncated .gz: what came before stays
                 if previous is not None:
                     yield sum(map(len, previous[0])), functools.partial(_prepare_lines, f.index, *previous, False, ctx())
-                previous = chunk
+                yield 0, functools.partial(_unreadable, f.index, e)
+                continue
             assert previous is not None
             yield sum(map(len, previous[0])), functools.partial(_prepare_lines, f.index, *previous, True, ctx())
 

@@ -14,7 +14,8 @@ from parcours.core.clock import Clock
 from parcours.core.settings import Settings
 from parcours.fhir.registry import Registry, registry
 from parcours.security.caller import Caller
-from parcours.store import db, migrate, secrets
+from parcours.core.errors import ParcoursError
+from parcours.store import audit, db, migrate, secrets
 from parcours.store.repository import Repository
 
 TOKEN_KEY = "token-signing-key"
@@ -49,7 +50,28 @@ class Platform:
 
     @asynccontextmanager
     async def transaction(self, caller: Caller) -> AsyncIterator[Repository]:
-        """One transaction, owned here at the edge: commit on success, roll back on error."""
+        """One transaction, owned here at the edge: commit on success, roll back on error.
+
+        A refused or failed interaction is rolled back with everything it did, so its
+        audit entry is written afterwards in a transaction of its own.
+        """
         async with self.pool.connection() as conn:
-            async with conn.transaction():
-                yield self.repository(conn, caller)
+            repo = self.repository(conn, caller)
+            try:
+                async with conn.transaction():
+                    yield repo
+            except ParcoursError as err:
+                if repo.attempt is not None and repo.audit_enabled:
+                    await self._audit_failure(conn, caller, repo.attempt, err)
+                raise
+
+    async def _audit_failure(self, conn: AsyncConnection, caller: Caller, attempt: tuple[str, str | None, str | None],
+                             err: ParcoursError) -> None:
+        action, rtype, rid = attempt
+        outcome = audit.MINOR_FAILURE if err.status < 500 else audit.SERIOUS_FAILURE
+        async with conn.transaction():
+            await audit.record(conn, audit.AuditRecord(
+                action=action, outcome=outcome, recorded=self.clock.now(), agent=caller.user_id or caller.display,
+                agent_kind=caller.kind, fhir_user=caller.fhir_user, address=caller.address, resource_type=rtype,
+                resource_id=rid, patients=(f"Patient/{rid}",) if rtype == "Patient" and rid else (),
+                detail={"status": err.status, "code": err.code, "message": err.message[:500]}))

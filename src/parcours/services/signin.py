@@ -15,7 +15,7 @@ import asyncio
 import ipaddress
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from psycopg import AsyncConnection
 
@@ -26,6 +26,7 @@ from parcours.security.caller import Caller
 from parcours.services import accounts
 from parcours.services.platform import Platform
 from parcours.store import accounts as store
+from parcours.store import audit
 from parcours.store import sessions as session_store
 from parcours.store.accounts import Account
 from parcours.store.sessions import ENROL, FULL, TOTP, ActiveSession, Session
@@ -71,6 +72,9 @@ async def _fail(platform: Platform, conn: AsyncConnection, email: str, ip: str |
         state = await store.register_failure(conn, kind, key, now, window=window, limit=limit, lockout=lockout)
         if state.locked_until is not None:
             until = max(until, state.locked_until) if until else state.locked_until
+    await audit.record(conn, audit.AuditRecord(
+        action="login", outcome=audit.MINOR_FAILURE, recorded=now, agent=store.normalize_email(email), agent_kind="unknown",
+        address=ip, detail={"locked_until": until.isoformat() if until else None}))
     return Attempt(LOCKED if until else INVALID, retry_at=until)
 
 
@@ -135,6 +139,9 @@ async def open_session(platform: Platform, conn: AsyncConnection, account: Accou
     )
     if stage == FULL:
         await store.update_fields(conn, account.id, now, last_signin_at=now)
+        await audit.record(conn, audit.AuditRecord(
+            action="login", outcome=audit.SUCCESS, recorded=now, agent=account.id, agent_kind=account.role,
+            fhir_user=account.fhir_user, address=ip))
     return token, sess
 
 
@@ -156,11 +163,18 @@ async def sessions_of(platform: Platform, conn: AsyncConnection, account_id: str
 
 
 async def sign_out(conn: AsyncConnection, session_id: str, *, account_id: str | None = None) -> bool:
-    return await session_store.delete_session(conn, session_id, account_id=account_id)
+    done = await session_store.delete_session(conn, session_id, account_id=account_id)
+    if done:
+        await audit.record(conn, audit.AuditRecord(action="logout", outcome=audit.SUCCESS, recorded=datetime.now(UTC),
+                                                   agent=account_id, detail={"session": session_id}))
+    return done
 
 
 async def sign_out_everywhere(conn: AsyncConnection, account_id: str, *, keep: str | None = None) -> int:
-    return await session_store.delete_account_sessions(conn, account_id, keep=keep)
+    n = await session_store.delete_account_sessions(conn, account_id, keep=keep)
+    await audit.record(conn, audit.AuditRecord(action="logout", outcome=audit.SUCCESS, recorded=datetime.now(UTC),
+                                               agent=account_id, detail={"everywhere": True, "sessions": n}))
+    return n
 
 
 async def remember(conn: AsyncConnection, session: Session, **values: object) -> None:

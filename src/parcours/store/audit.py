@@ -24,10 +24,12 @@ from typing import Any
 
 import orjson
 from psycopg import AsyncConnection, Connection
-from sqlalchemy import BigInteger, Column, DateTime, Index, LargeBinary, Table, Text, text
+from sqlalchemy import BigInteger, Column, DateTime, Index, LargeBinary, MetaData, Table, Text, text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
-from parcours.store.schema import metadata
+# Their own MetaData: revision 0006 creates them; the generated resource schema of
+# revision 0001 must not change when this module is imported.
+metadata = MetaData()
 
 audit_log = Table(
     "audit_log",
@@ -60,6 +62,28 @@ audit_seal = Table(
     Column("position", BigInteger, nullable=False, unique=True),
     Column("row_hash", LargeBinary, nullable=False),
     Column("chain", LargeBinary, nullable=False),
+)
+
+# Emergency access ("break the glass"): a professional reaches a patient's record
+# without a care relationship, for a limited time, with a stated reason.
+emergency_access = Table(
+    "emergency_access",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("agent", Text, nullable=False),  # the professional's FHIR reference
+    Column("patient", Text, nullable=False),  # Patient/<id>
+    Column("reason", Text, nullable=False),
+    Column("granted", DateTime(timezone=True), nullable=False),
+    Column("until", DateTime(timezone=True), nullable=False),
+)
+Index("emergency_access_agent", emergency_access.c.agent, emergency_access.c.until)
+
+# How far audit entries were turned into AuditEvent resources.
+audit_cursor = Table(
+    "audit_cursor",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
 )
 
 INSERT_SQL = (
@@ -112,6 +136,24 @@ async def record(conn: AsyncConnection, rec: AuditRecord) -> None:
     await conn.execute(INSERT_SQL, rec.params())
 
 
+async def pending(conn: AsyncConnection, limit: int) -> list[tuple[int, tuple]]:
+    """Sealed entries not yet turned into AuditEvents, in chain order, as
+    (position, row). The seal order is final, so the cursor never skips an entry.
+    Locks the cursor row for the caller's transaction."""
+    await conn.execute("INSERT INTO audit_cursor (name, seq) VALUES ('materialized', 0) ON CONFLICT DO NOTHING")
+    row = await (await conn.execute("SELECT seq FROM audit_cursor WHERE name = 'materialized' FOR UPDATE")).fetchone()
+    start = int(row[0]) if row else 0
+    cols = ", ".join(f"a.{f}" for f in _FIELDS)
+    rows = await (await conn.execute(
+        f"SELECT s.position, {cols} FROM audit_seal s JOIN audit_log a ON a.seq = s.seq "
+        "WHERE s.position > %s ORDER BY s.position LIMIT %s", (start, limit))).fetchall()
+    return [(int(r[0]), tuple(r[1:])) for r in rows]
+
+
+async def advance(conn: AsyncConnection, position: int) -> None:
+    await conn.execute("UPDATE audit_cursor SET seq = %s WHERE name = 'materialized' AND seq < %s", (position, position))
+
+
 def row_hash(row: tuple) -> bytes:
     """SHA-256 of a row's canonical form (every field, in a fixed order)."""
     values = []
@@ -123,19 +165,19 @@ def row_hash(row: tuple) -> bytes:
     return hashlib.sha256(orjson.dumps(values, option=orjson.OPT_SORT_KEYS)).digest()
 
 
-def seal(conn: Connection, batch: int = 5000) -> int:
-    """Chain the rows that can no longer be preceded by others; returns how many were sealed."""
-    with conn.transaction():
-        got = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_SEAL_LOCK,)).fetchone()
+async def seal(conn: AsyncConnection, batch: int = 5000) -> int:
+    """Chain the entries that can no longer be preceded by others; returns how many."""
+    async with conn.transaction():
+        got = await (await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_SEAL_LOCK,))).fetchone()
         if not got or not got[0]:
             return 0
-        last = conn.execute("SELECT position, chain FROM audit_seal ORDER BY position DESC LIMIT 1").fetchone()
+        last = await (await conn.execute("SELECT position, chain FROM audit_seal ORDER BY position DESC LIMIT 1")).fetchone()
         position, chain = (last[0], bytes(last[1])) if last else (0, _GENESIS)
-        rows = conn.execute(
+        rows = await (await conn.execute(
             _SELECT + " a WHERE NOT EXISTS (SELECT 1 FROM audit_seal s WHERE s.seq = a.seq) "
             "AND a.xid::xid8 < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY a.xid::xid8, a.seq LIMIT %s",
             (batch,),
-        ).fetchall()
+        )).fetchall()
         out = []
         for row in rows:
             h = row_hash(row)
@@ -143,8 +185,8 @@ def seal(conn: Connection, batch: int = 5000) -> int:
             position += 1
             out.append((row[0], row[1], position, h, chain))
         if out:
-            with conn.cursor() as cur:
-                cur.executemany("INSERT INTO audit_seal (seq, xid, position, row_hash, chain) VALUES (%s, %s, %s, %s, %s)", out)
+            async with conn.cursor() as cur:
+                await cur.executemany("INSERT INTO audit_seal (seq, xid, position, row_hash, chain) VALUES (%s, %s, %s, %s, %s)", out)
         return len(out)
 
 

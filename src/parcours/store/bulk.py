@@ -238,6 +238,8 @@ def _type_sql(rtype: str) -> dict[str, str]:
     m, h, i = t.main, t.history, t.idx
     mine = s.c.rtype == bindparam("rtype")
     ids = bindparam("ids", type_=ARRAY(Text))
+    versions = func.unnest(ids, bindparam("vids", type_=ARRAY(Integer)), bindparam("contents", type_=ARRAY(Text))).table_valued(
+        "id", "vid", "content").render_derived(name="v")
     return {
         "main": compile_stmt(insert(m).from_select(
             ["id", "version_id", "last_updated", "deleted", "content", "tokens", "refs", "compartments", "fts_text", "fts_content"],
@@ -248,8 +250,8 @@ def _type_sql(rtype: str) -> dict[str, str]:
             select(s.c.id, s.c.version_id, s.c.last_updated, false(), s.c.method, s.c.content).where(mine)))[0],
         "idx": f"COPY {_quote(i.name)} ({', '.join(_IDX_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
         "lock": compile_stmt(select(m.c.id, m.c.version_id).where(m.c.id == any_(ids)).with_for_update())[0],
-        "restage": compile_stmt(update(s).where(mine, s.c.id == bindparam("rid")).values(
-            version_id=bindparam("vid"), content=bindparam("content")))[0],
+        "restage": compile_stmt(update(s).where(mine, s.c.id == versions.c.id).values(
+            version_id=versions.c.vid, content=versions.c.content))[0],
         "drop_main": compile_stmt(delete(m).where(m.c.id == any_(ids)))[0],
         "drop_idx": compile_stmt(delete(i).where(i.c.resource_id == any_(ids)))[0],
     }
@@ -336,13 +338,14 @@ class BulkWriter:
             if not existing:
                 continue
             self.repo.authorize("update", rtype)
-            params = []
+            gone, vids, texts = [], [], []
             for rid, version in existing:
                 content, at = contents[(rtype, rid)]
                 _, text = render_version(rtype, rid, orjson.loads(content), version + 1, at)
-                params.append({"rtype": rtype, "rid": rid, "vid": version + 1, "content": text})
-            await cur.executemany(ts["restage"], params)
-            gone = [p["rid"] for p in params]
+                gone.append(rid)
+                vids.append(version + 1)
+                texts.append(text)
+            await cur.execute(ts["restage"], {"rtype": rtype, "ids": gone, "vids": vids, "contents": texts})
             await cur.execute(ts["drop_idx"], {"ids": gone})
             await cur.execute(ts["drop_main"], {"ids": gone})
 

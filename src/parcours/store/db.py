@@ -51,7 +51,7 @@ def embedded_settings(mem_bytes: int | None = None, cores: int | None = None) ->
     mem = mem_bytes or _memory_bytes()
     cores = cores or os.cpu_count() or 2
     mb = 1024 * 1024
-    shared = max(128 * mb, min(mem // 4, 4096 * mb))
+    shared = max(128 * mb, min(mem // 4, 2048 * mb))
     return {
         "shared_buffers": f"{shared // mb}MB",
         "effective_cache_size": f"{max(512 * mb, mem // 2) // mb}MB",

@@ -42,7 +42,16 @@ from parcours.fhir.registry import Registry, registry
 from parcours.fhir.search import Filter, Include, SearchParser, SearchRequest
 from parcours.fhir.validation import validate_resource
 from parcours.security.caller import Caller
-from parcours.security.policy import decide
+from parcours.security.policy import (
+    ALL,
+    RESTRICTED_LABELS,
+    CareContext,
+    Scope,
+    decide,
+    may_access,
+    search_scope,
+)
+from parcours.store import audit, care
 from parcours.store.schema import TS_CONFIG, resource_log, tables
 from parcours.store.search import Compiler
 from parcours.store.sql import compile_stmt
@@ -51,6 +60,9 @@ if TYPE_CHECKING:
     from parcours.store.bulk import BulkWriter
 
 MAX_FTS_CHARS = 200_000
+# Index tokens of the security labels that restrict an item to its author and the patient.
+RESTRICTED_TOKENS = [f"_security\x1f{system}|{code}" for system, code in RESTRICTED_LABELS]
+READ_ACTIONS = frozenset({"read", "vread", "search", "history", "everything", "export"})
 
 
 @dataclass
@@ -118,12 +130,14 @@ def _stmts(rtype: str) -> dict[str, str]:
     out = {
         "read": select(m.c.content, m.c.version_id, m.c.last_updated, m.c.deleted).where(m.c.id == p("id")),
         "lock": select(m.c.version_id, m.c.deleted, m.c.content).where(m.c.id == p("id")).with_for_update(),
+        # what the access policy needs to decide on one stored resource
+        "access": select(m.c.compartments, m.c.author, m.c.tokens.overlap(p("restricted", type_=ARRAY(Text))), m.c.deleted).where(m.c.id == p("id")),
         # update and delete need the version only, not the (possibly large) content
         "lock_version": select(m.c.version_id, m.c.deleted).where(m.c.id == p("id")).with_for_update(),
         "vread": select(h.c.content, h.c.version_id, h.c.last_updated, h.c.deleted).where(h.c.id == p("id"), h.c.version_id == p("vid")),
         "insert": insert(m).values(
             id=p("id"), version_id=p("vid"), last_updated=p("lu"), deleted=False, content=p("content"),
-            tokens=p("tokens"), refs=p("refs"), compartments=p("comp"),
+            tokens=p("tokens"), refs=p("refs"), compartments=p("comp"), author=p("author"),
             fts_text=func.to_tsvector(literal_column(f"'{TS_CONFIG}'::regconfig"), p("narr")),
             fts_content=func.to_tsvector(literal_column(f"'{TS_CONFIG}'::regconfig"), p("text")),
         ),
@@ -172,31 +186,137 @@ class Repository:
         self.clock = clock or Clock()
         self.registry = reg or registry()
         self.parser = SearchParser(self.registry, default_count, max_count)
+        self._care: CareContext | None = None
+        self.attempt: tuple[str, str | None, str | None] | None = None  # for the audit of failures
+        self.audit_enabled = True
 
     # -- policy ---------------------------------------------------------------------
     def check_type(self, rtype: str) -> None:
         if not self.registry.is_type(rtype):
             raise UnknownType(f"Unknown resource type '{rtype}'")
 
-    def authorize(self, action: str, rtype: str) -> None:
+    def authorize(self, action: str, rtype: str, rid: str | None = None) -> None:
+        self.attempt = (action, rtype, rid)
         self.check_type(rtype)
         d = decide(self.caller, action, rtype)
         if not d.allowed:
             raise Forbidden(d.reason)
 
+    async def care(self) -> CareContext:
+        """The caller's care relationships, read once per Repository (one request)."""
+        if self._care is None:
+            self._care = await care.load(self.conn, self.caller, self.clock.now())
+        return self._care
+
+    async def scope(self, rtype: str) -> Scope:
+        if self.caller.is_system:
+            return ALL
+        return search_scope(self.caller, rtype, await self.care())
+
+    async def scope_where(self, rtype: str) -> Any:
+        """The SQL condition that narrows every query on ``rtype`` for this caller:
+        a search never reveals that a forbidden resource exists."""
+        from sqlalchemy import false, not_, or_, true
+
+        sc = await self.scope(rtype)
+        if sc.everything:
+            return true()
+        if sc.nothing:
+            return false()
+        m = tables(rtype).main
+        cond = m.c.compartments.overlap(literal(sorted(sc.patients), ARRAY(Text)))
+        if self.caller.kind in ("patient", "proxy"):
+            return cond
+        ctx = await self.care()
+        visible = not_(m.c.tokens.overlap(literal(RESTRICTED_TOKENS, ARRAY(Text))))
+        if not ctx.identities:
+            return and_(cond, visible)
+        mine = m.c.author == any_(literal(sorted(ctx.identities), ARRAY(Text)))
+        return or_(and_(cond, visible), mine)
+
+    async def check_access(self, action: str, rtype: str, rid: str, *, compartments: list[str] | None = None,
+                           author: str | None = None, restricted: bool | None = None) -> list[str]:
+        """Instance-level decision on one stored resource; returns its compartments."""
+        if compartments is None:
+            row = await (await self.conn.execute(_stmts(rtype)["access"], {"id": rid, "restricted": RESTRICTED_TOKENS})).fetchone()
+            if row is None:
+                return []
+            compartments, author, restricted = list(row[0]), row[1], bool(row[2])
+        if self.caller.is_system:
+            return compartments
+        labels = list(RESTRICTED_LABELS[:1]) if restricted else []
+        d = may_access(self.caller, rtype, compartments, labels, author, await self.care())
+        if not d.allowed:
+            raise Forbidden(d.reason)
+        return compartments
+
+    async def _check_new_content(self, rtype: str, resource: dict, iv: IndexValues, author: str | None, *, creating: bool) -> None:
+        """A write must leave the resource where the caller may reach it: a patient
+        writes in their own compartment, a professional for a patient they care for.
+        Authorship counts for updates and for registering a new Patient, not for
+        writing into the record of a patient one has no relationship with."""
+        if self.caller.is_system:
+            return
+        labels = [(x.get("system"), x.get("code")) for x in (resource.get("meta") or {}).get("security") or [] if isinstance(x, dict)]
+        counted_author = author if (not creating or rtype == "Patient") else None
+        d = may_access(self.caller, rtype, iv.compartments, labels, counted_author, await self.care())
+        if not d.allowed:
+            raise Forbidden(d.reason)
+
+    def _identity(self) -> str | None:
+        return self.caller.fhir_user or (f"system:{self.caller.user_id}" if self.caller.user_id else None)
+
+    async def _audit(self, action: str, rtype: str | None, rid: str | None = None, version: int | None = None, *,
+                     patients: list[str] | tuple[str, ...] = (), query: str | None = None, outcome: str = audit.SUCCESS,
+                     purpose: str | None = None, detail: dict | None = None) -> None:
+        if not self.audit_enabled:
+            return
+        if action in READ_ACTIONS:
+            # A read commits only its audit entry: group commit is enough (a crash may
+            # lose the last fraction of a second of read entries, never a write's).
+            await self.conn.execute("SET LOCAL synchronous_commit TO off")
+        c = self.caller
+        await audit.record(self.conn, audit.AuditRecord(
+            action=action, outcome=outcome, recorded=self.clock.now(), agent=c.user_id or c.display, agent_kind=c.kind,
+            fhir_user=c.fhir_user, address=c.address, resource_type=rtype, resource_id=rid, version_id=version,
+            patients=tuple(sorted(set(patients)))[:200], query=query, purpose=purpose, detail=detail))
+
+    async def break_glass(self, patient_id: str, reason: str, minutes: int = 240) -> datetime:
+        """Emergency access to a patient's record without a care relationship: time
+        limited, with a stated reason, audited and shown to the patient."""
+        self.attempt = ("emergency-access", "Patient", patient_id)
+        if self.caller.kind != "practitioner" or not self.caller.fhir_user:
+            raise Forbidden("Only professionals may use emergency access")
+        if len(reason.strip()) < 10:
+            raise BadRequest("State the reason for the emergency access (at least 10 characters)")
+        row = await (await self.conn.execute(_stmts("Patient")["access"], {"id": patient_id, "restricted": RESTRICTED_TOKENS})).fetchone()
+        if row is None or row[3]:
+            raise NotFound(f"Patient/{patient_id} is not known")
+        ctx = await self.care()
+        if f"Patient/{patient_id}" in ctx.blocked_by:
+            raise Forbidden("This patient has blocked your access to their record")
+        until = await care.grant_emergency(self.conn, self.caller.fhir_user, f"Patient/{patient_id}", reason.strip(),
+                                           self.clock.now(), max(1, min(minutes, 24 * 60)))
+        self._care = None
+        await self._audit("emergency-access", "Patient", patient_id, patients=[f"Patient/{patient_id}"],
+                          purpose="BTG", detail={"reason": reason.strip(), "until": until.isoformat()})
+        return until
+
     # -- reads ------------------------------------------------------------------------
     async def read(self, rtype: str, rid: str) -> Stored:
-        self.authorize("read", rtype)
+        self.authorize("read", rtype, rid)
         cur = await self.conn.execute(_stmts(rtype)["read"], {"id": rid})
         row = await cur.fetchone()
         if row is None:
             raise NotFound(f"{rtype}/{rid} is not known")
         if row[3]:
             raise Gone(f"{rtype}/{rid} was deleted", headers={"ETag": f'W/"{row[1]}"'})
+        patients = await self.check_access("read", rtype, rid)
+        await self._audit("read", rtype, rid, row[1], patients=patients)
         return Stored(rtype, rid, row[1], row[2], row[0])
 
     async def vread(self, rtype: str, rid: str, vid: str) -> Stored:
-        self.authorize("vread", rtype)
+        self.authorize("vread", rtype, rid)
         if not re.fullmatch(r"[0-9]{1,9}", vid):  # versions are int4: anything else names none
             raise NotFound(f"{rtype}/{rid} has no version {vid!r}")
         cur = await self.conn.execute(_stmts(rtype)["vread"], {"id": rid, "vid": int(vid)})
@@ -205,6 +325,8 @@ class Repository:
             raise NotFound(f"{rtype}/{rid} has no version {vid}")
         if row[3]:
             raise Gone(f"Version {vid} of {rtype}/{rid} is a deletion")
+        patients = await self.check_access("vread", rtype, rid)
+        await self._audit("vread", rtype, rid, row[1], patients=patients)
         return Stored(rtype, rid, row[1], row[2], row[0])
 
     # -- writes ---------------------------------------------------------------------------
@@ -332,7 +454,7 @@ class Repository:
     async def delete(self, rtype: str, rid: str, *, if_match: str | None = None) -> int | None:
         """Delete: a new, empty version. Returns its version, or None when there was
         nothing to delete (not an error, R4 3.1.0.7)."""
-        self.authorize("delete", rtype)
+        self.authorize("delete", rtype, rid)
         expected = _parse_etag(if_match)
         cur = await self.conn.execute(_stmts(rtype)["lock_version"], {"id": rid})
         row = await cur.fetchone()
@@ -341,6 +463,7 @@ class Repository:
                 raise PreconditionFailed(f"{rtype}/{rid} does not exist, so it cannot match If-Match {if_match}")
             return None
         _check_version(rtype, rid, expected, row[0], False)
+        patients = await self.check_access("delete", rtype, rid)
         version, now = row[0] + 1, self.clock.now()
         s = _stmts(rtype)
         empty = {"id": rid, "vid": version, "lu": now, "deleted": True, "content": None, "tokens": [], "refs": [], "comp": [], "narr": "", "text": ""}
@@ -349,6 +472,7 @@ class Repository:
             await self.conn.execute(s["history"], {**empty, "method": "DELETE"})
             await self.conn.execute(s["idx_clear"], {"id": rid})
             await self.conn.execute(s["log"], {"rtype": rtype, "id": rid, "vid": version, "lu": now, "method": "DELETE"})
+            await self._audit("delete", rtype, rid, version, patients=patients)
         return version
 
     async def conditional_update(self, rtype: str, query: str, resource: dict, *, if_match: str | None = None,
@@ -406,10 +530,19 @@ class Repository:
         now = self.clock.now()
         ordered, content = render_version(rtype, rid, resource, version, now)
         iv = index_resource(ordered, self.registry, self.base_url)
+        action = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, "update")
+        author = self._identity()
+        if not self.caller.is_system:
+            if not insert:
+                row = await (await self.conn.execute(_stmts(rtype)["access"], {"id": rid, "restricted": RESTRICTED_TOKENS})).fetchone()
+                if row is not None and not row[3]:
+                    await self.check_access(action, rtype, rid, compartments=list(row[0]), author=row[1], restricted=bool(row[2]))
+                author = row[1] if row is not None else author
+            await self._check_new_content(rtype, ordered, iv, author, creating=insert)
         s = _stmts(rtype)
         params = {
             "id": rid, "vid": version, "lu": now, "deleted": False, "content": content,
-            "tokens": iv.tokens, "refs": iv.refs, "comp": iv.compartments,
+            "tokens": iv.tokens, "refs": iv.refs, "comp": iv.compartments, "author": author,
             "narr": iv.narrative[:MAX_FTS_CHARS], "text": iv.content[:MAX_FTS_CHARS],
         }
         async with self.conn.pipeline():
@@ -420,6 +553,7 @@ class Repository:
             if iv.rows:
                 await self.conn.execute(s["idx_insert"], _idx_params(rid, iv))
             await self.conn.execute(s["log"], {"rtype": rtype, "id": rid, "vid": version, "lu": now, "method": method})
+            await self._audit(action, rtype, rid, version, patients=iv.compartments)
         return Stored(rtype, rid, version, now, content)
 
     async def _lock_key(self, key: str) -> None:
@@ -441,7 +575,8 @@ class Repository:
         if lock:
             await self._lock_key(f"{rtype}?{sorted(items)}")
         t = tables(rtype)
-        stmt = select(t.main.c.id).where(Compiler(self.base_url, self.clock.now()).where(rtype, req.filters))
+        stmt = select(t.main.c.id).where(Compiler(self.base_url, self.clock.now()).where(rtype, req.filters),
+                                         await self.scope_where(rtype))
         if limit:
             stmt = stmt.limit(limit)
         sql, params = compile_stmt(stmt)
@@ -460,12 +595,22 @@ class Repository:
     async def history(self, rtype: str | None, rid: str | None, *, since: datetime | None, count: int, offset: int = 0) -> list[Stored]:
         """Versions, newest first: of one resource, one type, or all (``rtype`` None)."""
         if rtype is None:
-            return await self._system_history(since, count, offset)
-        self.authorize("history", rtype)
+            self.attempt = ("history", None, None)
+            if not self.caller.is_system:
+                raise Forbidden("The whole-system history is for system clients; ask for the history of a type or a resource")
+            items = await self._system_history(since, count, offset)
+            await self._audit("history", None, None, query=f"_since={since.isoformat()}" if since else None)
+            return items
+        self.authorize("history", rtype, rid)
         h = tables(rtype).history
         stmt = select(h.c.id, h.c.version_id, h.c.last_updated, h.c.deleted, h.c.content, h.c.method)
+        patients: list[str] = []
         if rid is not None:
             stmt = stmt.where(h.c.id == rid)
+            patients = await self.check_access("history", rtype, rid)
+        elif not (await self.scope(rtype)).everything:
+            m = tables(rtype).main
+            stmt = stmt.where(h.c.id.in_(select(m.c.id).where(await self.scope_where(rtype))))
         if since is not None:
             stmt = stmt.where(h.c.last_updated >= since)
         stmt = stmt.order_by(h.c.last_updated.desc(), h.c.version_id.desc()).limit(count).offset(offset)
@@ -475,6 +620,7 @@ class Repository:
             found = await (await self.conn.execute(_stmts(rtype)["read"], {"id": rid})).fetchone()
             if found is None:
                 raise NotFound(f"{rtype}/{rid} is not known")
+        await self._audit("history", rtype, rid, patients=patients)
         return [Stored(rtype, r[0], r[1], r[2], r[4], r[3], method=r[5]) for r in rows]
 
     async def _system_history(self, since: datetime | None, count: int, offset: int) -> list[Stored]:
@@ -521,7 +667,7 @@ class Repository:
         if req.resource_type:
             rtype = req.resource_type
             t = tables(rtype)
-            where = compiler.where(rtype, req.filters)
+            where = and_(compiler.where(rtype, req.filters), await self.scope_where(rtype))
             near = _near_point(req.filters)
             sort = req.sort or ([("near", False)] if near else [])
             if req.summary != "count" and req.count > 0:
@@ -548,7 +694,7 @@ class Repository:
             counted = 0
             for rtype in rtypes:
                 t = tables(rtype)
-                where = compiler.where(rtype, req.filters)
+                where = and_(compiler.where(rtype, req.filters), await self.scope_where(rtype))
                 stmt = select(t.main.c.id, t.main.c.version_id, t.main.c.last_updated, t.main.c.content, t.main.c.refs).where(where)
                 stmt = stmt.order_by(t.main.c.last_updated.desc()).limit(pending)
                 sql, params = compile_stmt(stmt)
@@ -563,7 +709,26 @@ class Repository:
             matches = page[: req.count]
             total = counted if req.total == "accurate" else (None if has_more else req.offset + len(matches))
         includes = await self._includes(matches, req.includes, req.revincludes)
+        await self._audit("search", req.resource_type, None, query=req.query_string or None,
+                          patients=await self._patients_of(matches + includes))
         return SearchResult(matches, includes, total, has_more, req)
+
+    async def _patients_of(self, items: list[Stored]) -> list[str]:
+        """The patients whose records a result touched, for their access history."""
+        if not items:
+            return []
+        out: set[str] = set()
+        by_type: dict[str, list[str]] = {}
+        for it in items:
+            if it.resource_type == "Patient":
+                out.add(f"Patient/{it.id}")
+            elif it.resource_type in self.registry.patient_compartment:
+                by_type.setdefault(it.resource_type, []).append(it.id)
+        for rtype, ids in by_type.items():
+            m = tables(rtype).main
+            sql, params = compile_stmt(select(func.unnest(m.c.compartments)).where(m.c.id == any_(literal(ids, ARRAY(Text)))))
+            out.update(r[0] for r in await (await self.conn.execute(sql, params)).fetchall())
+        return sorted(out)
 
     async def _includes(self, matches: list[Stored], includes: list[Include], revincludes: list[Include]) -> list[Stored]:
         if not matches or not (includes or revincludes):
@@ -592,7 +757,8 @@ class Repository:
                     t = tables(tt)
                     sql, params = compile_stmt(
                         select(t.main.c.id, t.main.c.version_id, t.main.c.last_updated, t.main.c.content, t.main.c.refs)
-                        .where(t.main.c.id == any_(literal(sorted(ids), ARRAY(Text))), t.main.c.deleted.is_(False)))
+                        .where(t.main.c.id == any_(literal(sorted(ids), ARRAY(Text))), t.main.c.deleted.is_(False),
+                               await self.scope_where(tt)))
                     for r in await (await self.conn.execute(sql, params)).fetchall():
                         if (tt, r[0]) not in seen:
                             seen.add((tt, r[0]))
@@ -613,7 +779,8 @@ class Repository:
                 t = tables(inc.source_type)
                 sql, params = compile_stmt(
                     select(t.main.c.id, t.main.c.version_id, t.main.c.last_updated, t.main.c.content, t.main.c.refs)
-                    .where(t.main.c.refs.overlap(literal(keys, ARRAY(Text))), t.main.c.deleted.is_(False)).limit(10_000))
+                    .where(t.main.c.refs.overlap(literal(keys, ARRAY(Text))), t.main.c.deleted.is_(False),
+                           await self.scope_where(inc.source_type)).limit(10_000))
                 for r in await (await self.conn.execute(sql, params)).fetchall():
                     if (inc.source_type, r[0]) not in seen:
                         seen.add((inc.source_type, r[0]))
@@ -641,12 +808,14 @@ class Repository:
                 continue
             t = tables(rtype)
             stmt = select(t.main.c.id, t.main.c.version_id, t.main.c.last_updated, t.main.c.content).where(
-                t.main.c.compartments.contains([key]), t.main.c.deleted.is_(False))
+                t.main.c.compartments.contains([key]), t.main.c.deleted.is_(False), await self.scope_where(rtype))
             if since is not None:
                 stmt = stmt.where(t.main.c.last_updated >= since)
             sql, params = compile_stmt(stmt.order_by(t.main.c.last_updated).limit(limit))
             for r in await (await self.conn.execute(sql, params)).fetchall():
                 out.append(Stored(rtype, r[0], r[1], r[2], r[3]))
+        self.attempt = ("everything", "Patient", patient_id)
+        await self._audit("everything", "Patient", patient_id, patients=[key])
         return out
 
 
@@ -663,7 +832,9 @@ class Repository:
         """
         self.authorize("export", rtype)
         m = tables(rtype).main
-        stmt = select(m.c.id, m.c.version_id, m.c.last_updated, m.c.content).where(m.c.deleted.is_(False))
+        stmt = select(m.c.id, m.c.version_id, m.c.last_updated, m.c.content).where(m.c.deleted.is_(False), await self.scope_where(rtype))
+        await self._audit("export", rtype, None, query=f"_since={since.isoformat()}" if since else None,
+                          patients=[f"Patient/{p}" for p in patients or ()])
         if since is not None:
             stmt = stmt.where(m.c.last_updated > since)
         if until is not None:

@@ -60,6 +60,7 @@ def _make(rtype: str) -> ResourceTables:
         Column("compartments", ARRAY(Text), nullable=False, server_default=text("'{}'")),
         Column("fts_text", TSVECTOR),
         Column("fts_content", TSVECTOR),
+        Column("author", Text),  # added by revision 0006
     )
     Index(f"{rtype}_tokens_gin", main.c.tokens, postgresql_using="gin")
     Index(f"{rtype}_refs_gin", main.c.refs, postgresql_using="gin")

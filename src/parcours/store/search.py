@@ -24,7 +24,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy import Numeric, Text, any_
-from sqlalchemy.dialects.postgresql import ARRAY, array
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from parcours.core.errors import InvalidSearch
 from parcours.fhir.datatypes import implicit_range, normalize_text, parse_date_range, parse_decimal
@@ -86,7 +86,7 @@ class Compiler:
             return not_(c) if f.modifier == "not" else c
         if f.code == "_lastUpdated":
             lu = t.main.c.last_updated
-            return or_(*[self._date_cond(lu, lu + timedelta(microseconds=1), v) for v in f.values])
+            return or_(*[self._date_cond(lu, lu + timedelta(microseconds=1), v) for v in f.values if v])
         if f.code in ("_text", "_content"):
             col = t.main.c.fts_text if f.code == "_text" else t.main.c.fts_content
             return or_(*[col.op("@@")(func.websearch_to_tsquery(TS_CONFIG, unescape(v))) for v in f.values if v])
@@ -472,10 +472,6 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 def _text_array(values: list[str]) -> Any:
     """One text[] parameter, whatever the number of values (one prepared plan)."""
     return literal(list(values), ARRAY(Text))
-
-
-def _idx(t: SearchTables) -> Any:
-    return t.idx
 
 
 def _bool(value: str) -> bool:

@@ -18,6 +18,7 @@ from parcours.core.errors import Conflict, MethodNotAllowed, NotFound, ParcoursE
 from parcours.core.settings import Settings
 from parcours.events.runtime import Events
 from parcours.services import export
+from parcours.services import audit_trail
 from parcours.services.platform import Platform
 from parcours.web import directory_api, fhir, fhir_ws, pages
 from parcours.web.fhir_render import error_response
@@ -34,9 +35,11 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
         app.state.platform = platform or await Platform.start(settings)
         stop_export_worker = export.start_in_background(app.state.platform)  # bulk $export jobs
         app.state.events = await Events.start(app.state.platform)  # change feed, Subscriptions
+        stop_audit = audit_trail.start_in_background(app.state.platform)  # seals, AuditEvents
         try:
             yield
         finally:
+            await stop_audit()
             await app.state.events.close()
             await stop_export_worker()
             if own:

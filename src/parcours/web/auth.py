@@ -25,7 +25,8 @@ def caller_of(request: Request) -> Caller:
             "Authentication is required: send 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": 'Bearer realm="parcours"'},
         )
-    caller = tokens.verify(request.app.state.platform.token_key, token.strip())
+    # SMART tokens revoked by their app stop here (web.smart keeps the deny list fresh).
+    caller = tokens.verify(request.app.state.platform.token_key, token.strip(), revoked=request.app.state.smart.revoked)
     client = request.client
     if client:
         from dataclasses import replace

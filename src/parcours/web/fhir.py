@@ -25,6 +25,7 @@ from parcours.core.errors import (
 )
 from parcours.fhir.datatypes import parse_date_range
 from parcours.services import bundles, capability
+from parcours.services import audit_trail
 from parcours.services.platform import Platform
 from parcours.store.repository import WriteResult
 from parcours.web import fhir_export
@@ -237,6 +238,9 @@ async def _search(request: Request, rtype: str | None, items: list[tuple[str, st
     p = platform_of(request)
     caller = caller_of(request)
     check_format(request)
+    if rtype == "AuditEvent":
+        # The trail is searched as it stands: turn the latest entries into AuditEvents first.
+        await audit_trail.materialize(p)
     async with p.transaction(caller) as repo:
         req = repo.parse_search(rtype, items, strict=strict(request))
         result = await repo.search(req)

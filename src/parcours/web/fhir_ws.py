@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Container
 from dataclasses import replace
 
 from starlette.routing import WebSocketRoute
@@ -40,14 +41,15 @@ FIRST_MESSAGE_TIMEOUT = 10.0
 class SocketBinding:
     """One socket: its token is verified again each time the hub asks for the caller."""
 
-    def __init__(self, ws: WebSocket, key: str, token: str) -> None:
+    def __init__(self, ws: WebSocket, key: str, token: str, revoked: Container[str] | None = None) -> None:
         self.ws = ws
         self.key = key
         self.token = token
+        self.revoked = revoked  # revoked SMART tokens (this process's copy of the deny list)
         self._lock = asyncio.Lock()
 
     def caller(self) -> Caller:
-        caller = tokens.verify(self.key, self.token)
+        caller = tokens.verify(self.key, self.token, revoked=self.revoked)
         return replace(caller, address=self.ws.client.host) if self.ws.client else caller
 
     async def send(self, text: str) -> None:
@@ -71,9 +73,10 @@ async def subscription_ws(ws: WebSocket) -> None:
     platform = ws.app.state.platform
     events = getattr(ws.app.state, "events", None)
     token = _offered_token(ws)
+    revoked = ws.app.state.smart.revoked
     if token is not None:
         try:
-            tokens.verify(platform.token_key, token)
+            tokens.verify(platform.token_key, token, revoked=revoked)
         except ParcoursError:
             await ws.close(POLICY_VIOLATION, "The bearer token is not valid")  # before accept: HTTP 403
             return
@@ -94,11 +97,11 @@ async def subscription_ws(ws: WebSocket) -> None:
         try:
             if not token:
                 raise ParcoursError("Authenticate first: send 'bearer <token>'")
-            tokens.verify(platform.token_key, token)
+            tokens.verify(platform.token_key, token, revoked=revoked)
         except ParcoursError as e:
             await ws.close(POLICY_VIOLATION, e.message[:120])
             return
-    binding = SocketBinding(ws, platform.token_key, token)
+    binding = SocketBinding(ws, platform.token_key, token, revoked)
     try:
         while True:
             command, _, arg = (await ws.receive_text()).strip().partition(" ")
