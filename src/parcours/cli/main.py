@@ -90,6 +90,10 @@ from parcours.cli import users  # noqa: E402
 
 app.add_typer(users.app, name="user")
 
+from parcours.cli import clients  # noqa: E402
+
+app.add_typer(clients.app, name="client")
+
 from parcours.cli import import_cmd  # noqa: E402
 
 app.command("import")(import_cmd.import_files)
@@ -98,6 +102,10 @@ from parcours.cli import directory_cmd  # noqa: E402
 
 app.add_typer(directory_cmd.app, name="directory")
 app.add_typer(directory_cmd.demo_app, name="demo-data")
+
+from parcours.cli import demo_cmd  # noqa: E402
+
+app.command("demo")(demo_cmd.demo)
 
 
 @app.command()

@@ -82,6 +82,27 @@ def _resources(reg: Registry) -> list[dict[str, Any]]:
     return out
 
 
+def _security(fhir_base: str) -> dict[str, Any]:
+    """SMART on FHIR: where apps get their tokens (the same URLs as .well-known/smart-configuration)."""
+    base = fhir_base.removesuffix("/fhir")
+    return {
+        "cors": False,
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                 "code": "SMART-on-FHIR"}]}],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [
+                {"url": "authorize", "valueUri": f"{base}/oauth/authorize"},
+                {"url": "token", "valueUri": f"{base}/oauth/token"},
+                {"url": "revoke", "valueUri": f"{base}/oauth/revoke"},
+                {"url": "introspect", "valueUri": f"{base}/oauth/introspect"},
+            ],
+        }],
+        "description": "Bearer tokens (SMART on FHIR scopes) on every call but /metadata; "
+                       f"discovery at {fhir_base}/.well-known/smart-configuration",
+    }
+
+
 @cache
 def _statement(reg: Registry, fhir_base: str) -> bytes:
     return orjson.dumps({
@@ -105,7 +126,7 @@ def _statement(reg: Registry, fhir_base: str) -> bytes:
                     "FHIRPath Patch is not supported. Read honours If-None-Match and If-Modified-Since; "
                     "update, patch and delete honour If-Match."
                 ),
-                "security": {"cors": False, "description": "Bearer tokens (SMART on FHIR scopes) on every call but /metadata"},
+                "security": _security(fhir_base),
                 "resource": _resources(reg),
                 "interaction": [{"code": c} for c in SYSTEM_INTERACTIONS],
                 "searchParam": [

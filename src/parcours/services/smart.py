@@ -258,7 +258,9 @@ class Smart:
     # -- the endpoints -----------------------------------------------------------------------------
     async def token(self, platform: Platform, conn: AsyncConnection, http: HttpRequest) -> OAuthResponse:
         ctx = await self._context(platform, conn)
-        return await ctx.run(lambda server: server.create_token_response(_Request(http)))
+        response = await ctx.run(lambda server: server.create_token_response(_Request(http)))
+        self.revoked.add(*ctx.revoked_jtis)  # a replayed code or refresh token revoked its grant
+        return response
 
     async def revoke(self, platform: Platform, conn: AsyncConnection, http: HttpRequest) -> OAuthResponse:
         ctx = await self._context(platform, conn)

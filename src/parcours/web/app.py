@@ -20,7 +20,7 @@ from parcours.events.runtime import Events
 from parcours.services import export
 from parcours.services import audit_trail
 from parcours.services.platform import Platform
-from parcours.web import directory_api, fhir, fhir_ws, pages
+from parcours.web import directory_api, fhir, fhir_ws, pages, smart
 from parcours.web.fhir_render import error_response
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     app.router.routes.append(Mount("/fhir", routes=fhir.routes))
     app.router.routes.append(Mount("/api/directory", routes=directory_api.routes))  # care-offer directory
     pages.install(app)  # sign-in, account settings, portal and workspace pages; session middleware
+    smart.install(app, settings)  # SMART on FHIR authorization server, client registration
 
     @app.exception_handler(ParcoursError)
     async def parcours_error(request: Request, exc: ParcoursError) -> Response:

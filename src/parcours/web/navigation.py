@@ -40,7 +40,7 @@ WORKSPACE_NAV: tuple[NavItem, ...] = (
     NavItem("telehealth", "/workspace/telehealth", "nav.telehealth", "workspace.card.telehealth"),
     NavItem("directory", "/workspace/directory", "nav.directory", "workspace.card.directory"),
     NavItem("administration", "/workspace/administration", "nav.administration", "workspace.card.administration",
-            roles=frozenset({"admin"})),
+            available=True, roles=frozenset({"admin"})),
     NavItem("account", "/account", "nav.account", "workspace.card.account", available=True),
 )
 

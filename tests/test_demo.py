@@ -1,0 +1,38 @@
+"""The demo loader: a region, a followed patient, one account per role; idempotent."""
+
+from __future__ import annotations
+
+from parcours.security.caller import SYSTEM
+from parcours.services import accounts, demo
+from parcours.store import accounts as account_store
+
+
+async def test_demo_loads_once_and_logins_work(platform, client) -> None:
+    logins, counts = await demo.load(platform, roles=40)
+    assert counts["PractitionerRole"] >= 40 and counts["Patient"] > 0
+    again, counts2 = await demo.load(platform, roles=40)
+    assert counts2 == {} and [x.email for x in again] == [x.email for x in logins]
+    async with platform.pool.connection() as conn:
+        patient = await account_store.by_email(conn, f"patient@{demo.DOMAIN}")
+        gp = await account_store.by_email(conn, f"medecin@{demo.DOMAIN}")
+        proxy = await account_store.by_email(conn, f"aidant@{demo.DOMAIN}")
+    assert patient and gp and proxy and gp.totp_enabled
+    # The patient reads their own results; their GP reads them through the CareTeam.
+    for account in (patient, gp):
+        caller = accounts.caller_for(account)
+        async with platform.transaction(caller) as repo:
+            res = await repo.search(repo.parse_search("Observation", [("code", "http://loinc.org|4548-4")]))
+            assert len(res.matches) == 4
+            assert all(m.resource()["subject"]["reference"] == patient.fhir_user for m in res.matches)
+    # The proxy sees the patient they represent, not the demo patient.
+    async with platform.transaction(accounts.caller_for(proxy)) as repo:
+        res = await repo.search(repo.parse_search("Patient", []))
+        assert [f"Patient/{m.id}" for m in res.matches] != [patient.fhir_user]
+        assert len(res.matches) == 1
+    # Other demo patients stay out of the GP's reach.
+    async with platform.transaction(SYSTEM) as repo:
+        everyone = await repo.search(repo.parse_search("Patient", [("_count", "100")]))
+    async with platform.transaction(accounts.caller_for(gp)) as repo:
+        visible = await repo.search(repo.parse_search("Patient", [("_count", "100")]))
+    assert len(everyone.matches) > 2
+    assert [f"Patient/{m.id}" for m in visible.matches] == [patient.fhir_user]
