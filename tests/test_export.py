@@ -199,6 +199,10 @@ async def test_group_export(xc, worker) -> None:
     assert ids(got["Observation"]) == {o1["id"], o2["id"]}
     assert ids(got["Encounter"]) == {enc["id"]}
     assert ids(got["Group"]) == {group["id"]}  # a Group is in its members' compartments
+    # The audit trail of these patients belongs to their compartment too (AuditEvent.patient).
+    audit_events = got.pop("AuditEvent", [])
+    for ev in audit_events:
+        assert {e["what"]["reference"] for e in ev["entity"] if e.get("role", {}).get("code") == "1"} <= {f"Patient/{p1['id']}", f"Patient/{p2['id']}"}
     assert set(got) == {"Patient", "Observation", "Encounter", "Group"}
 
     got = await download(xc, await wait_done(xc, await kick_off(xc, f"/fhir/Group/{group['id']}/$export", _type="Observation")))

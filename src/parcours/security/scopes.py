@@ -100,7 +100,14 @@ def narrow(asked: Iterable[ResourceScope], ceiling: Iterable[str]) -> list[Resou
             got = intersect(a, c)
             if got is not None:
                 out.setdefault(got.text(), got)
-    return list(out.values())
+    found = list(out.values())
+    # Two ceilings may give overlapping pieces: keep only those no other one contains.
+    return [r for r in found if not any(o is not r and _contains(o, r) for o in found)]
+
+
+def _contains(big: ResourceScope, small: ResourceScope) -> bool:
+    return (big.context == small.context and big.rtype in ("*", small.rtype) and small.perms <= big.perms
+            and big.query in (None, small.query) and (big.perms, big.rtype, big.query) != (small.perms, small.rtype, small.query))
 
 
 def grant(asked: str | Iterable[str] | None, *, client_allowed: Iterable[str], role_allowed: Iterable[str] | None) -> list[str]:
