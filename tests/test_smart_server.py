@@ -227,7 +227,7 @@ async def test_consent_denied(srv: Smart, client) -> None:
         _, challenge = pkce()
         params = authorize_params(client_id, FHIR, scope="patient/*.rs", challenge=challenge)
         got = query_of(await Browser(c).authorize(params, email, approve=False))
-        assert got == {"error": "access_denied", "state": params["state"]}
+        assert got["error"] == "access_denied" and got["state"] == params["state"] and "code" not in got
 
 
 async def test_refresh_rotation_and_reuse_detection(srv: Smart, client) -> None:

@@ -209,7 +209,7 @@ async def insert_client(conn: AsyncConnection, *, client_id: str, name: str, cli
                         created_by: str | None, now: datetime) -> Client:
     row = await row_of(conn, insert(oauth_client).values(
         client_id=client_id, name=name, client_type=client_type, secret_hash=secret_hash(secret) if secret else None,
-        redirect_uris=redirect_uris, scope=scope, jwks=jwks, jwks_url=jwks_url, status="active",
+        redirect_uris=redirect_uris, scope=scope, jwks=Jsonb(jwks) if jwks is not None else None, jwks_url=jwks_url, status="active",
         created_by=created_by, created_at=now, updated_at=now,
     ).returning(*_CLIENT_COLUMNS))
     assert row is not None
