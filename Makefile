@@ -27,12 +27,14 @@ browsers:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	fi
 
-# Front-end files from the npm registry (package.json, package-lock.json): htmx is copied into
-# the package's static files; axe-core stays in node_modules for the accessibility tests.
+# Front-end files from the npm registry (package.json, package-lock.json): htmx and Leaflet (the
+# booking search map) are copied into the package's static files; axe-core stays in node_modules
+# for the accessibility tests.
 HTMX := src/parcours/web/static/vendor/htmx.min.js
+LEAFLET := src/parcours/web/static/vendor/leaflet/leaflet.js
 NPM_STAMP := node_modules/.installed
 
-assets: $(HTMX)
+assets: $(HTMX) $(LEAFLET)
 
 $(NPM_STAMP): package.json package-lock.json
 	@if ! command -v npm >/dev/null; then \
@@ -46,6 +48,11 @@ $(NPM_STAMP): package.json package-lock.json
 $(HTMX): $(NPM_STAMP)
 	mkdir -p $(dir $@)
 	cp node_modules/htmx.org/dist/htmx.min.js $@
+
+$(LEAFLET): $(NPM_STAMP)
+	mkdir -p $(dir $@)images
+	cp node_modules/leaflet/dist/leaflet.js node_modules/leaflet/dist/leaflet.css $(dir $@)
+	cp node_modules/leaflet/dist/images/*.png $(dir $@)images/
 
 # Rebuild the commune table the directory ships (src/parcours/services/directory/data/communes.tsv.gz)
 # from its two registry packages; see scripts/build_communes.py. Not needed to run: the table is in the repo.
@@ -62,7 +69,7 @@ lint: install
 
 test: install browsers assets
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/pytest -p no:cacheprovider
+	$(VENV)/bin/pytest -p no:cacheprovider -n 2
 
 demo: install assets
 	$(VENV)/bin/parcours demo --host $(HOST) --port $(PORT)
@@ -80,4 +87,4 @@ bench: install
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) var build *.egg-info node_modules $(HTMX)
+	rm -rf $(VENV) var build *.egg-info node_modules $(HTMX) $(dir $(LEAFLET))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import gzip
 import json
 import os
@@ -123,12 +124,13 @@ def main() -> None:
     if not args.data.is_dir():
         print(json.dumps({"skipped": f"{args.data} is not there"}))
         return
-    tmp = None
     admin = os.environ.get("DATABASE_URL")
     if admin:
         admin = _with_db(admin, "postgres")
     else:
         tmp = tempfile.TemporaryDirectory(prefix="parcours-import-bench-")
+        # atexit runs last-registered first: the embedded server stops, then its folder goes.
+        atexit.register(tmp.cleanup)
         admin = _with_db(db.start_embedded(Path(tmp.name)), "postgres")
     tag = uuid.uuid4().hex[:8]
     template = f"import_bench_tpl_{tag}"
@@ -152,8 +154,6 @@ def main() -> None:
     finally:
         for name in reversed(made):
             _drop(admin, name)
-        if tmp is not None:
-            tmp.cleanup()
     import_rate = statistics.median(r["resources_per_s"] for r in plain)
     copy_rate = statistics.median(c["rows_per_s"] for c in copies)
     out = {

@@ -33,6 +33,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 BASE = "http://testserver"
 # Every process of the test session retries rest-hooks quickly and gives up soon.
 FAST_SUBSCRIPTIONS = {"subscription_retry_seconds": 0.2, "subscription_max_attempts": 3, "subscription_timeout_seconds": 5.0}
+# Booking notices are run by the tests themselves (notify.run_due at a chosen time), not by a
+# server's background loop that would send them first.
+FAST_SUBSCRIPTIONS["booking_jobs_worker"] = False  # type: ignore[assignment]
 
 
 def uniq(prefix: str = "t") -> str:

@@ -128,6 +128,8 @@ def client_assertion(key: RSAKey | ECKey, client_id: str, token_url: str, *, alg
     t = int(now if now is not None else time.time())
     body = {"iss": client_id, "sub": client_id, "aud": token_url, "exp": t + lifetime, "jti": jti or uuid.uuid4().hex,
             **claims}
+    if key.get("alg") not in (None, alg):  # sign with another algorithm than the key announces
+        key = type(key).import_key({k: v for k, v in key.as_dict(private=True).items() if k != "alg"})
     return jwt.encode({"alg": alg, "kid": key.kid, "typ": "JWT"}, body, key, algorithms=[alg])
 
 

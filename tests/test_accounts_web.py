@@ -96,8 +96,8 @@ async def test_patient_signs_in_with_password_only(web: Web, client) -> None:
         assert (await c.get("/")).headers["location"] == "/portal"
         # A patient has no business in the professional workspace.
         assert (await c.get("/workspace")).status_code == 403
-        soon = await c.get("/portal/appointments")
-        assert soon.status_code == 200 and "Bientôt disponible" in soon.text
+        mine = await c.get("/portal/appointments")  # booking's page; other sections are still to come
+        assert mine.status_code == 200 and "Mes rendez-vous" in mine.text and "Bientôt disponible" in mine.text
 
 
 def test_session_cookie_is_secure_on_https() -> None:

@@ -29,10 +29,18 @@ async def test_demo_loads_once_and_logins_work(platform, client) -> None:
         res = await repo.search(repo.parse_search("Patient", []))
         assert [f"Patient/{m.id}" for m in res.matches] != [patient.fhir_user]
         assert len(res.matches) == 1
-    # Other demo patients stay out of the GP's reach.
+    # The GP reaches his CareTeam patient and the patients booked with him; the others stay out of reach.
     async with platform.transaction(SYSTEM) as repo:
-        everyone = await repo.search(repo.parse_search("Patient", [("_count", "100")]))
+        everyone = await repo.search(repo.parse_search("Patient", [("_count", "200")]))
+        roles = await repo.search(repo.parse_search("PractitionerRole", [("practitioner", gp.fhir_user)]))
+        actors = [gp.fhir_user] + [f"PractitionerRole/{r.id}" for r in roles.matches]
+        booked = await repo.search(repo.parse_search("Appointment", [("actor", ",".join(actors)), ("_count", "1000")]))
+    expected = {patient.fhir_user}
+    for appt in booked.matches:
+        a = appt.resource()
+        if a["status"] not in ("cancelled", "entered-in-error", "noshow"):
+            expected |= {p["actor"]["reference"] for p in a["participant"] if p.get("actor", {}).get("reference", "").startswith("Patient/")}
     async with platform.transaction(accounts.caller_for(gp)) as repo:
-        visible = await repo.search(repo.parse_search("Patient", [("_count", "100")]))
-    assert len(everyone.matches) > 2
-    assert [f"Patient/{m.id}" for m in visible.matches] == [patient.fhir_user]
+        visible = await repo.search(repo.parse_search("Patient", [("_count", "200")]))
+    assert {f"Patient/{m.id}" for m in visible.matches} == expected
+    assert len(everyone.matches) > len(expected)

@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
 from typer.testing import CliRunner
 
@@ -89,9 +90,13 @@ async def test_transaction_bundle_gets_new_ids_and_rewritten_references(client, 
     r = await client.get(f"/fhir/Patient/{pid}/$everything")
     assert {e["resource"]["resourceType"] for e in r.json()["entry"]} >= {"Patient", "Encounter", "Observation"}
     assert await _ids(client, "Patient", u, name="helene") == [pid]
-    # History and the change log know them too.
+    # History, the change log and the audit trail know them too.
     r = await client.get(f"/fhir/Observation/{heart['id']}/_history")
     assert [e["resource"]["meta"]["versionId"] for e in r.json()["entry"]] == ["1"]
+    with psycopg.connect(pg_uri) as conn:
+        assert conn.execute("SELECT method FROM resource_log WHERE id = %s", (pid,)).fetchall() == [("POST",)]
+        assert conn.execute("SELECT action, agent_kind, patients FROM audit_log WHERE resource_id = %s AND action IN ('create', 'update')",
+                            (heart["id"],)).fetchall() == [("create", "system", [f"Patient/{pid}"])]
 
 
 async def test_invalid_entry_fails_the_whole_transaction(client, pg_uri: str, tmp_path: Path) -> None:
@@ -298,3 +303,29 @@ async def test_gzip_ndjson_and_a_truncated_one(client, pg_uri: str, tmp_path: Pa
     assert files["cut.ndjson.gz"]["status"] == "failed"
     assert "Cannot read the file" in files["cut.ndjson.gz"]["errors"][-1]["message"]
     assert await _ids(client, "Patient", u, family="moreau2") == []
+
+
+async def test_types_with_write_rules_go_through_the_repository(client, pg_uri: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from parcours.core.errors import Unprocessable
+    from parcours.services import platform as platform_module
+
+    seen: list[str] = []
+
+    class NoAsthma:
+        types = frozenset({"Condition"})
+
+        async def before_write(self, repo, rtype, rid, resource, previous):  # type: ignore[no-untyped-def]
+            seen.append(rid)
+            if (resource or {}).get("code", {}).get("text") == "Asthme":
+                raise Unprocessable("test rule: no asthma here")
+
+    monkeypatch.setattr(platform_module, "write_rules", lambda settings: (NoAsthma(),))
+    u = uniq("imp")
+    code, report, output = await _import(pg_uri, tmp_path, _copy(tmp_path, "resources.ndjson", u), _copy(tmp_path, "collection.json", u))
+    assert code == 1, output
+    ndjson, collection = report["files"]
+    assert [e["index"] for e in ndjson["errors"]] == [3, 5] and "no asthma" in ndjson["errors"][1]["message"]
+    assert ndjson["counts"] == {"Observation": 3, "Patient": 1}
+    assert collection["status"] == "imported" and collection["counts"]["Condition"] == 1
+    (condition,) = await _resources(client, "Condition", u)
+    assert condition["id"] in seen and len(seen) == 2

@@ -7,7 +7,6 @@ endpoints, like Authlib, refuse plain http anywhere else.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import AsyncIterator
 
 import httpx
@@ -343,14 +342,52 @@ async def test_practitioner_chooses_the_patient(srv: Smart, client) -> None:
         assert consent.status_code == 200 and 'name="patient_id"' in consent.text
         r = await b.answer(consent)  # no patient chosen
         assert r.status_code == 400 and 'role="alert"' in r.text
-        # A patient the professional has no access to is refused (once the care-relationship policy
-        # applies); a reachable one is the launch context.
+        # A patient the professional does not care for cannot be the launch context.
         r = await b.answer(consent, patient_id=pid)
-        if r.status_code == 302:
-            tok = (await exchange(c, client_id, query_of(r.headers["location"])["code"], verifier)).json()
-            assert tok["patient"] == pid and tok["scope"] == "launch/patient patient/*.rs"
-        else:
-            assert r.status_code == 403
+        assert r.status_code == 403, r.text[:300]
+        # Once a care team links them, the patient is offered and can be chosen.
+        await create_resource(client, {"resourceType": "CareTeam", "status": "active", "subject": {"reference": f"Patient/{pid}"},
+                                       "participant": [{"member": {"reference": f"Practitioner/{pract}"}}]})
+        consent = await b.consent_page(params)
+        assert f'value="{pid}"' in consent.text and "Alice Roux" in consent.text
+        r = await b.answer(consent, patient=pid)
+        assert r.status_code == 302, r.text[:300]
+        tok = (await exchange(c, client_id, query_of(r.headers["location"])["code"], verifier)).json()
+        assert tok["patient"] == pid and tok["scope"] == "launch/patient patient/*.rs"
+    # patient/ scopes keep the app within the launch context, even among the professional's patients.
+    other = await new_patient(client, family="Autre", given="Paul")
+    await create_resource(client, {"resourceType": "CareTeam", "status": "active", "subject": {"reference": f"Patient/{other}"},
+                                   "participant": [{"member": {"reference": f"Practitioner/{pract}"}}]})
+    async with srv.api(tok["access_token"]) as api:
+        assert (await api.get(f"/fhir/Patient/{pid}")).status_code == 200
+        assert (await api.get(f"/fhir/Patient/{other}")).status_code in (403, 404)
+        found = (await api.get("/fhir/Patient", params={"_id": f"{pid},{other}"})).json()
+        assert [e["resource"]["id"] for e in found.get("entry", [])] == [pid]
+    # The professional's own session still reaches both.
+    from parcours.services import accounts
+
+    async with srv.platform.transaction(accounts.caller_for(acct)) as repo:
+        assert (await repo.read("Patient", other)).id == other
+
+
+async def test_proxy_chooses_among_represented_patients(srv: Smart, client) -> None:
+    child = await new_patient(client, family="Petit", given="Léon")
+    await new_patient(client, family="Étranger", given="Marc")  # someone the proxy does not represent
+    rp = await create_resource(client, {"resourceType": "RelatedPerson", "active": True, "patient": {"reference": f"Patient/{child}"},
+                                        "name": [{"family": "Petit", "given": ["Anne"]}]})
+    proxy = await new_account(srv.platform, "proxy", f"RelatedPerson/{rp}")
+    client_id, _ = await register(srv.platform)
+    async with srv.client() as c:
+        b = Browser(c)
+        verifier, challenge = pkce()
+        consent = await b.consent_page(authorize_params(client_id, FHIR, scope="user/*.rs", challenge=challenge), proxy.email)
+        assert consent.status_code == 200
+        # One represented patient: offered (and ticked); no free entry for proxies.
+        assert f'value="{child}"' in consent.text and "Léon Petit" in consent.text and 'name="patient_id"' not in consent.text
+        r = await b.answer(consent, patient=child)
+        assert r.status_code == 302, r.text[:300]
+        tok = (await exchange(c, client_id, query_of(r.headers["location"])["code"], verifier)).json()
+        assert tok["patient"] == child and tok["scope"] == "patient/*.rs"
 
 
 # -- Backend Services ----------------------------------------------------------------------------------
@@ -444,6 +481,3 @@ def test_cli_client_create(pg_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_pat
     r = runner.invoke(app, ["client", "create", "--name", "X", "--type", "backend", "--scope", "system/*.rs"])
     assert r.exit_code == 2
 
-
-def _basic(client_id: str, secret: str) -> str:
-    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()

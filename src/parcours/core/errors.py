@@ -65,11 +65,15 @@ Gone = _kind("Gone", 410, "PRC-1442", "deleted")
 MethodNotAllowed = _kind("MethodNotAllowed", 405, "PRC-1450", "not-supported")
 NotAcceptable = _kind("NotAcceptable", 406, "PRC-1406", "not-supported")
 Conflict = _kind("Conflict", 409, "PRC-1490", "conflict")
+# Booking: the slot was taken by someone else first (the answer lists the next free ones).
+SlotTaken = _kind("SlotTaken", 409, "PRC-1491", "conflict")
 PreconditionFailed = _kind("PreconditionFailed", 412, "PRC-1412", "conflict")
 MultipleMatches = _kind("MultipleMatches", 412, "PRC-1414", "multiple-matches")
 TooLarge = _kind("TooLarge", 413, "PRC-1413", "too-costly")
 UnsupportedMedia = _kind("UnsupportedMedia", 415, "PRC-1415", "not-supported")
 Unprocessable = _kind("Unprocessable", 422, "PRC-1423", "processing")
+# Booking: a rule of the practitioner forbids it (too late to cancel, slot for known patients only...).
+BookingRuleViolation = _kind("BookingRuleViolation", 422, "PRC-1424", "business-rule")
 NotImplementedFeature = _kind("NotImplementedFeature", 501, "PRC-1501", "not-supported")
 
 

@@ -21,7 +21,7 @@ class OidcProvider(BaseModel):
     provider's ``sub``).
     """
 
-    name: str  # short key used in URLs: /signin/oidc/{name}
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")  # short key used in URLs: /signin/oidc/{name}
     label: str  # shown on the button: "Pro Santé Connect"
     issuer: str
     discovery_url: str | None = None  # default: {issuer}/.well-known/openid-configuration
@@ -30,7 +30,7 @@ class OidcProvider(BaseModel):
     token_auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
     scopes: list[str] = Field(default_factory=lambda: ["openid"])
     acr_values: str | None = None  # Pro Santé Connect: "eidas1"
-    roles: list[str] = Field(default_factory=lambda: ["patient"])  # account roles it signs in
+    roles: list[Literal["patient", "proxy", "practitioner", "staff", "admin"]] = Field(default_factory=lambda: ["patient"])  # account roles it signs in
     link_by: Literal["rpps", "email", "subject"] = "email"
     link_claim: str = "email"
     userinfo: bool = False  # also read the claims of the userinfo endpoint (Pro Santé Connect puts the RPPS there)
@@ -90,6 +90,21 @@ class Settings(BaseSettings):
     oauth_revocation_cache_seconds: float = 5.0
     # External OpenID Connect identity providers (JSON list, see OidcProvider).
     oidc_providers: list[OidcProvider] = Field(default_factory=list)
+    # Booking notifications: e-mails through this SMTP server (unset host: e-mails are only
+    # logged), ``smtp_tls`` none | starttls | tls; SMS through the dev channel (logged).
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_from: str = "Parcours <no-reply@parcours.example>"
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    # Reminders this many hours before an appointment; each server process runs due
+    # notification jobs every ``booking_jobs_poll_seconds`` unless the worker is off.
+    booking_reminder_hours: list[int] = Field(default_factory=lambda: [48, 2])
+    booking_jobs_worker: bool = True
+    booking_jobs_poll_seconds: float = 15.0
+    # Map tiles of the booking search page ({z}/{x}/{y}); empty: the map shows markers only.
+    map_tiles_url: str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
 
     @property
     def fhir_base(self) -> str:

@@ -17,9 +17,10 @@ returned search scope to every query; nothing else decides. Three layers:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from parcours.security.caller import Caller
+from parcours.security.scopes import patient_only
 
 ACTION_LETTER = {
     "create": "c", "read": "r", "vread": "r", "history": "r", "search": "s", "update": "u",
@@ -28,6 +29,8 @@ ACTION_LETTER = {
 
 DIRECTORY = frozenset({"Practitioner", "PractitionerRole", "Organization", "Location", "HealthcareService", "Endpoint"})
 SCHEDULING = frozenset({"Schedule", "Slot", "Appointment", "AppointmentResponse"})
+# Opening hours and free slots hold no patient data: every signed-in user reads them, as the directory.
+OPEN_AGENDA = frozenset({"Schedule", "Slot"})
 ACCOUNTS = frozenset({"Patient", "RelatedPerson", "Practitioner", "PractitionerRole"})
 PLATFORM_ONLY = frozenset({"AuditEvent"})  # written by the platform alone
 # Rest-hook notifications are sent with the platform's rights: only system clients
@@ -36,6 +39,15 @@ SYSTEM_WRITE_ONLY = frozenset({"Subscription"})
 # What patients (and their proxies) may write about themselves.
 PATIENT_WRITABLE = frozenset({"QuestionnaireResponse", "DocumentReference", "Communication", "Appointment",
                               "Task", "ServiceRequest", "Consent", "Observation", "Binary", "Media"})
+# What they may change without having written it: their demographics, their appointments
+# (confirm, cancel), the questionnaires and tasks addressed to them. Anything else they
+# change or delete only if they wrote it (not their doctor's letter).
+PATIENT_UPDATABLE = frozenset({"Patient", "Appointment", "QuestionnaireResponse", "Task"})
+# What a patient may hide from professionals (the ``masked`` label), whoever wrote it.
+MASKABLE = frozenset({"DocumentReference"})
+# Scheduling data of a patient: a professional sees it through a care relationship, or
+# when named as a participant (their own agenda), not for every patient.
+PARTICIPATION = {"Appointment": ("actor",), "AppointmentResponse": ("actor",)}
 
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 PARCOURS_SECURITY = "https://parcours.example/fhir/CodeSystem/security-label"
@@ -68,7 +80,10 @@ class Scope:
     nothing: bool = False
     patients: frozenset[str] = field(default_factory=frozenset)  # compartment filter
     hide_restricted_except: frozenset[str] = frozenset()  # authors who still see restricted items
-    restricted_visible_to_patients: bool = True
+    restricted_visible_to_patients: bool = True  # the patient sees the restricted items of their record
+    authored_anywhere: bool = False  # a professional's own writings, whichever the patient
+    blocked: frozenset[str] = frozenset()  # compartments where even authorship gives nothing
+    participant_params: tuple[str, ...] = ()  # rows naming the caller in these parameters are in scope too
 
 
 ALL = Scope(everything=True)
@@ -148,15 +163,26 @@ def decide(caller: Caller, action: str, rtype: str) -> Decision:
 
 def search_scope(caller: Caller, rtype: str, ctx: CareContext) -> Scope:
     """How searches (and every other read) on ``rtype`` are narrowed for this caller."""
+    scope = _role_scope(caller, rtype, ctx)
+    # SMART: what only patient/ scopes allow stays within the patient the app was launched for.
+    if caller.patient_context is not None and scope.patients and patient_only(caller.scopes, rtype, "r"):
+        patients = scope.patients & {caller.patient_context}
+        return replace(scope, patients=patients) if patients else NOTHING
+    return scope
+
+
+def _role_scope(caller: Caller, rtype: str, ctx: CareContext) -> Scope:
     if caller.is_system:
         return ALL
-    if rtype in DIRECTORY:
+    if rtype in DIRECTORY or rtype in OPEN_AGENDA:
         return ALL
     own = frozenset(ctx.identities)
     if caller.kind in ("patient", "proxy"):
         if not ctx.patients:
             return NOTHING
-        return Scope(patients=ctx.patients, hide_restricted_except=frozenset({"*patient*"}) | own)
+        # Restricted items are for the patient and their author: not for a proxy (a minor's
+        # confidential care stays hidden from their parents).
+        return Scope(patients=ctx.patients, hide_restricted_except=own, restricted_visible_to_patients=caller.kind == "patient")
     if caller.kind == "admin":
         if rtype in ACCOUNTS or rtype in PLATFORM_ONLY:
             return ALL
@@ -166,21 +192,34 @@ def search_scope(caller: Caller, rtype: str, ctx: CareContext) -> Scope:
             return ALL
         return NOTHING
     if caller.kind == "practitioner":
-        if rtype in SCHEDULING:
-            return ALL
         reachable = (ctx.patients | ctx.emergency) - ctx.blocked_by
-        if not reachable:
+        if not reachable and not own:
             return NOTHING
-        return Scope(patients=frozenset(reachable), hide_restricted_except=own, restricted_visible_to_patients=False)
+        return Scope(patients=frozenset(reachable), hide_restricted_except=own, restricted_visible_to_patients=False,
+                     authored_anywhere=True, blocked=ctx.blocked_by, participant_params=PARTICIPATION.get(rtype, ()))
     return NOTHING
 
 
 def may_access(caller: Caller, rtype: str, compartments: list[str] | tuple[str, ...], labels: list[tuple[str, str]],
-               author: str | None, ctx: CareContext) -> Decision:
-    """Instance-level decision for one stored resource (reads, updates, deletes)."""
+               author: str | None, ctx: CareContext, *, action: str = "read", target: str | None = None,
+               participates: bool = False) -> Decision:
+    """Instance-level decision for one stored resource (reads, updates, deletes; ``create``
+    for where new content lands). ``target`` is the resource's own reference;
+    ``participates``: the caller is named in its ``Scope.participant_params``."""
     scope = search_scope(caller, rtype, ctx)
-    if author is not None and author in ctx.identities and not scope.everything:
-        return Decision(True, "author")
+    letter = ACTION_LETTER.get(action, "r")
+    mine = author is not None and author in ctx.identities
+    if rtype in DIRECTORY and letter in "ud" and not caller.is_system and caller.kind != "admin" and target not in ctx.identities:
+        return Decision(False, f"Professionals change their own directory entry only, not {target or rtype}")
+    if caller.kind in ("patient", "proxy") and not mine:
+        if action == "mask" and rtype not in MASKABLE:
+            return Decision(False, f"Only documents can be hidden, not {rtype}")
+        if letter == "d" or (letter == "u" and action != "mask" and rtype not in PATIENT_UPDATABLE):
+            return Decision(False, f"Patients change or delete only what they wrote themselves ({rtype})")
+    if set(compartments) & scope.blocked:
+        return Decision(False, "The patient has blocked your access to their record")
+    if (mine or participates) and not scope.everything:
+        return Decision(True, "author" if mine else "participant")
     if scope.nothing:
         return Decision(False, f"No care relationship gives access to this {rtype}")
     if scope.everything:
@@ -194,9 +233,20 @@ def may_access(caller: Caller, rtype: str, compartments: list[str] | tuple[str, 
             return Decision(False, f"This {rtype} belongs to no patient you care for")
     restricted = any(lbl in RESTRICTED_LABELS for lbl in labels)
     if restricted:
-        if caller.kind in ("patient", "proxy"):
+        if scope.restricted_visible_to_patients:
             return Decision(True, "the patient sees their restricted items")
         if author is not None and author in ctx.identities:
             return Decision(True, "author of a restricted item")
         return Decision(False, f"This {rtype} is restricted to its author and the patient")
     return Decision(True, "care relationship")
+
+
+def may_export(caller: Caller, level: str) -> Decision:
+    """Bulk ``$export``: system clients at every level; a patient or proxy exports their own
+    record (``Patient/$export``, narrowed to it like every read). Professionals reach one
+    patient at a time (``$everything``): bulk extraction is no part of a care relationship."""
+    if caller.is_system:
+        return Decision(True, "system client")
+    if caller.kind in ("patient", "proxy") and level == "patient":
+        return Decision(True, "own record")
+    return Decision(False, "Bulk $export is for system clients; a patient exports their own record with Patient/$export")

@@ -36,6 +36,7 @@ _ACTIONS = {
     "search": ("E", (RESTFUL, "search-type")), "history": ("R", (RESTFUL, "history-instance")),
     "everything": ("E", (RESTFUL, "operation")), "export": ("E", (RESTFUL, "operation")),
     "login": ("E", (DCM, "110122")), "logout": ("E", (DCM, "110123")), "emergency-access": ("E", (RESTFUL, "operation")),
+    "mask": ("U", (RESTFUL, "patch")),  # the patient hid (or showed again) a document
 }
 _OUTCOMES = {"0", "4", "8", "12"}
 
@@ -83,6 +84,16 @@ def to_audit_event(row: tuple) -> dict:
     return event
 
 
+def audit_events(row: tuple) -> list[tuple[str, dict]]:
+    """The AuditEvents of one entry, with their ids: one per patient when the entry touched
+    several (a search). Each patient sees in their access history what concerned them,
+    never which other patients were in the same result."""
+    patients = row[12] or ()
+    if len(patients) <= 1:
+        return [(f"audit-{row[0]}", to_audit_event(row))]
+    return [(f"audit-{row[0]}-{n}", to_audit_event((*row[:12], [p], *row[13:]))) for n, p in enumerate(patients, 1)]
+
+
 def _b64(text: str) -> str:
     import base64
 
@@ -108,7 +119,8 @@ async def materialize(platform: Platform, *, batch: int = 2000) -> int:
                 repo.audit_enabled = False  # recording the audit trail is not itself audited
                 builder = BatchBuilder(platform.registry, platform.settings.fhir_base, platform.clock.now())
                 for position, row in rows:
-                    builder.add("AuditEvent", f"audit-{row[0]}", to_audit_event(row), "PUT")
+                    for event_id, event in audit_events(row):
+                        builder.add("AuditEvent", event_id, event, "PUT")
                 writer = repo.bulk_writer()
                 for b in builder.batches():
                     await writer.add(b)

@@ -41,7 +41,9 @@ async def load(platform: Platform, *, region: str = region_demo.DEFAULT_REGION, 
     if await _already_loaded(platform):
         return logins(), {}
     demo = region_demo.build_region(region, seed=seed, roles=roles)
-    counts = await region_demo.write_region(platform, demo, validate=False)
+    from parcours.services.booking import demo as booking_demo  # agendas, slots and a few bookings
+
+    counts = await region_demo.write_region(platform, demo, validate=False, hooks=[booking_demo.schedules_hook()])
     patients = [r for r in demo.resources if r["resourceType"] == "Patient"]
     gp_role = next((r for r in demo.roles if r.kind == "gp"), demo.roles[0])
     gp = demo.practitioners[gp_role.practitioner]

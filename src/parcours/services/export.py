@@ -43,6 +43,7 @@ from parcours.core.ids import new_id
 from parcours.core.settings import Settings
 from parcours.fhir.datatypes import parse_date_range
 from parcours.security.caller import Caller
+from parcours.security.policy import may_export
 from parcours.services.platform import Platform
 from parcours.store import export_jobs as jobs
 from parcours.store.repository import Stored
@@ -122,10 +123,9 @@ def check_request(platform: Platform, level: str, params: list[tuple[str, str]],
 
 async def do_kick_off(platform: Platform, caller: Caller, req: ExportRequest) -> str:
     """Queue the export job; returns its id. A Group export checks the Group now."""
-    if not caller.is_system:
-        # Until the Repository narrows exports to a user's care relationships, only
-        # backend services (system scopes, the IG's audience) may export in bulk.
-        raise Forbidden("Bulk $export is available to system (backend service) clients")
+    allowed = may_export(caller, req.level)
+    if not allowed.allowed:
+        raise Forbidden(allowed.reason)
     job = new_job(platform, caller, req)
     async with platform.transaction(caller) as repo:
         if req.level == "group":

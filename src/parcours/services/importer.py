@@ -181,6 +181,9 @@ class _Context:
     base_url: str
     validate: bool
     last_updated: datetime
+    # Types with write rules (booking keeps Slots in step with Appointments): the
+    # Repository writes them one by one, running the rules; the bulk path would not.
+    ruled: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -196,12 +199,13 @@ class _Unit:
     note: str = ""
     transaction: list[dict] | None = None  # a transaction Bundle's entries for services.bundles
     batch_entries: list[tuple[int, dict]] = field(default_factory=list)  # batch entries for services.bundles
+    ruled: list[tuple[int | None, str, str, str, dict]] = field(default_factory=list)  # (index, type, id, method, resource)
     position: int = 0  # NDJSON: lines done once this unit is written
     last: bool = True  # the file's last unit
 
     @property
     def resources(self) -> int:
-        return sum(len(b) for b in self.batches) + len(self.transaction or ()) + len(self.batch_entries)
+        return sum(len(b) for b in self.batches) + len(self.transaction or ()) + len(self.batch_entries) + len(self.ruled)
 
 
 def _describe(issues: Sequence[Issue]) -> str:
@@ -244,10 +248,10 @@ def _conditional(ref: str) -> bool:
     return "?" in ref and not ref.startswith(("http:", "https:", "urn:", "#"))
 
 
-def _bulk_eligible(e: Any, conditional_refs: bool = True) -> bool:
-    """A plain create or update: the bulk path writes it as the API would.
-    ``conditional_refs``: whether the file may hold conditional references at all."""
-    if not isinstance(e.resource, dict) or (conditional_refs and _has_conditional_reference(e.resource)):
+def _bulk_eligible(e: Any, ruled: frozenset[str], conditional_refs: bool = True) -> bool:
+    """A plain create or update of a type without write rules: the bulk path writes it
+    as the API would. ``conditional_refs``: whether the file may hold any."""
+    if not isinstance(e.resource, dict) or e.rtype in ruled or (conditional_refs and _has_conditional_reference(e.resource)):
         return False
     if e.method == "POST":
         return len(e.path) == 1 and not e.query and not e.request.get("ifNoneExist")
@@ -262,6 +266,7 @@ class _Preparer:
         self.registry = registry()
         self.builder = BatchBuilder(self.registry, ctx.base_url, ctx.last_updated)
         self.errors: list[EntryError] = []
+        self.ruled: list[tuple[int | None, str, str, str, dict]] = []
 
     def problems(self, rtype: Any, resource: Any) -> str | None:
         """Why ``resource`` cannot be stored as a ``rtype``, as Repository.prepare decides."""
@@ -290,6 +295,9 @@ class _Preparer:
 
     def add(self, index: int | None, rtype: str, rid: str, resource: dict, method: str) -> bool:
         problem = self.problems(rtype, resource)
+        if problem is None and rtype in self.ctx.ruled:
+            self.ruled.append((index, rtype, rid, method, resource))
+            return True
         if problem is None:
             try:
                 self.builder.add(rtype, rid, resource, method)
@@ -333,7 +341,7 @@ class _Preparer:
             self.errors.extend(_entry_errors(err))
             return
         conditional = any(_conditional(r) for r in refs)
-        if not all(_bulk_eligible(e, conditional) for e in parsed):
+        if not all(_bulk_eligible(e, self.ctx.ruled, conditional) for e in parsed):
             unit.transaction = entries
             return
         id_map: dict[str, str] = {}
@@ -362,6 +370,7 @@ class _Preparer:
         if self.errors:  # all or nothing
             unit.failed = True
             self.builder.batches()
+            self.ruled = []
 
     def batch(self, unit: _Unit, entries: list[Any], refs: set[str]) -> None:
         conditional = any(_conditional(r) for r in refs)
@@ -378,7 +387,7 @@ class _Preparer:
             except ParcoursError as err:
                 self.errors.extend(_entry_errors(err, i))
                 continue
-            if not _bulk_eligible(parsed, conditional):
+            if not _bulk_eligible(parsed, self.ctx.ruled, conditional):
                 unit.batch_entries.append((i, e))
                 continue
             resource = parsed.resource
@@ -442,6 +451,7 @@ def _prepare_file(file: int, path: str, ctx: _Context) -> _Unit:
         p.resources([(None, doc)])
     unit.errors.extend(p.errors)
     unit.batches = [] if unit.failed else p.builder.batches()
+    unit.ruled = p.ruled
     return unit
 
 
@@ -460,6 +470,7 @@ def _prepare_lines(file: int, lines: list[bytes], first: int, last: bool, ctx: _
     p.resources(items)
     unit.errors = p.errors
     unit.batches = p.builder.batches()
+    unit.ruled = p.ruled
     return unit
 
 
@@ -469,6 +480,15 @@ def _unreadable(file: int, error: BaseException) -> _Unit:
 
 def _warm_worker() -> None:
     registry()
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers forked from a server process that imported this module (and built the
+    search registry) once: starting each by spawn re-did that, about a second of CPU
+    each. Forking this process instead would copy its threads and open connections."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 # -- the import -------------------------------------------------------------------------------
@@ -516,15 +536,19 @@ class Importer:
     async def run(self, paths: Sequence[Path]) -> ImportReport:
         started = time.perf_counter()
         files = [_File(i, p, FileReport(str(p)), _is_ndjson(p)) for i, p in enumerate(find_files(paths))]
-        todo = await self._plan(files)
-        self._bytes_total = sum(f.report.size for f in todo)
-        self._tick()
         workers = self.workers
         if workers is None:
-            workers = 0 if self._bytes_total < POOL_THRESHOLD_BYTES else max(1, min(os.cpu_count() or 1, 4))
-        pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_worker)
-                if workers > 0 else None)
+            size = sum(p.stat().st_size for p in (f.path for f in files) if p.is_file())
+            workers = 0 if size < POOL_THRESHOLD_BYTES else max(1, min(os.cpu_count() or 1, 4))
+        pool = None
+        if workers > 0:
+            pool = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_warm_worker)
+            for _ in range(workers):  # start them now: they load while the files are digested
+                pool.submit(_warm_worker)
         try:
+            todo = await self._plan(files)
+            self._bytes_total = sum(f.report.size for f in todo)
+            self._tick()
             async with self.platform.pool.connection() as conn:
                 await self._pipeline(conn, files, todo, pool)
         finally:
@@ -606,7 +630,8 @@ class Importer:
 
     async def _pipeline(self, conn: Any, files: list[_File], todo: list[_File], pool: ProcessPoolExecutor | None) -> None:
         loop = asyncio.get_running_loop()
-        ctx = lambda: _Context(self.base_url, self.validate, self.platform.clock.now())  # noqa: E731
+        ruled = frozenset(t for rule in self.platform.repository(conn, self.caller).rules for t in rule.types)
+        ctx = lambda: _Context(self.base_url, self.validate, self.platform.clock.now(), ruled)  # noqa: E731
         jobs = self._jobs(todo, ctx)
         inflight: deque[tuple[int, asyncio.Future[_Unit]]] = deque()
         in_bytes = 0
@@ -743,6 +768,19 @@ class Importer:
             await writer.add(b)
             for t, n in b.counts().items():
                 out.counts[t] = out.counts.get(t, 0) + n
+        if unit.ruled:
+            await writer.flush()  # the rules may look at what the file wrote before
+        for index, rtype, rid, method, resource in unit.ruled:
+            try:
+                async with repo.conn.transaction():
+                    if method == "PUT":
+                        await repo.update(rtype, rid, resource)
+                    else:
+                        await repo.create(rtype, resource, rid=rid)
+            except ParcoursError as err:
+                out.errors.extend(_entry_errors(err, index))
+                continue
+            out.counts[rtype] = out.counts.get(rtype, 0) + 1
         return out
 
     def _tick(self) -> None:

@@ -16,7 +16,7 @@ from parcours.fhir.registry import Registry, registry
 from parcours.security.caller import Caller
 from parcours.core.errors import ParcoursError
 from parcours.store import audit, db, migrate, secrets
-from parcours.store.repository import Repository
+from parcours.store.repository import Repository, WriteRule
 
 TOKEN_KEY = "token-signing-key"
 
@@ -29,6 +29,8 @@ class Platform:
     token_key: str
     clock: Clock
     registry: Registry
+    # Domain rules run in the transaction of every write (booking: Appointment <-> Slot).
+    rules: tuple[WriteRule, ...] = ()
 
     @classmethod
     async def start(cls, settings: Settings, *, clock: Clock | None = None, run_migrations: bool = True) -> "Platform":
@@ -37,7 +39,7 @@ class Platform:
             await asyncio.to_thread(migrate.upgrade, uri)
         key = settings.secret_key or await asyncio.to_thread(secrets.get_or_create, uri, TOKEN_KEY)
         pool = await db.open_pool(uri, settings.db_pool_size)
-        return cls(settings, uri, pool, key, clock or Clock(), registry())
+        return cls(settings, uri, pool, key, clock or Clock(), registry(), rules=write_rules(settings))
 
     async def close(self) -> None:
         await self.pool.close()
@@ -45,7 +47,7 @@ class Platform:
     def repository(self, conn: AsyncConnection, caller: Caller) -> Repository:
         return Repository(
             conn, caller, base_url=self.settings.fhir_base, clock=self.clock, reg=self.registry,
-            default_count=self.settings.default_page_size, max_count=self.settings.max_page_size,
+            default_count=self.settings.default_page_size, max_count=self.settings.max_page_size, rules=self.rules,
         )
 
     @asynccontextmanager
@@ -75,3 +77,11 @@ class Platform:
                 agent_kind=caller.kind, fhir_user=caller.fhir_user, address=caller.address, resource_type=rtype,
                 resource_id=rid, patients=(f"Patient/{rid}",) if rtype == "Patient" and rid else (),
                 detail={"status": err.status, "code": err.code, "message": err.message[:500]}))
+
+
+def write_rules(settings: Settings) -> tuple[WriteRule, ...]:
+    """The write rules the domain services register (imported here, at start-up, so that
+    ``services.platform`` stays importable by every service)."""
+    from parcours.services.booking.rules import BookingRule
+
+    return (BookingRule(reminder_hours=settings.booking_reminder_hours),)

@@ -163,11 +163,12 @@ async def sessions_of(platform: Platform, conn: AsyncConnection, account_id: str
 
 
 async def sign_out(conn: AsyncConnection, session_id: str, *, account_id: str | None = None) -> bool:
-    done = await session_store.delete_session(conn, session_id, account_id=account_id)
-    if done:
+    owner = await session_store.delete_session(conn, session_id, account_id=account_id)
+    if owner is not None:
+        # Whose session it was, also when the caller only knew the session (the sign-out button).
         await audit.record(conn, audit.AuditRecord(action="logout", outcome=audit.SUCCESS, recorded=datetime.now(UTC),
-                                                   agent=account_id, detail={"session": session_id}))
-    return done
+                                                   agent=owner, detail={"session": session_id}))
+    return owner is not None
 
 
 async def sign_out_everywhere(conn: AsyncConnection, account_id: str, *, keep: str | None = None) -> int:

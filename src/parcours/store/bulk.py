@@ -45,12 +45,17 @@ from psycopg import AsyncConnection
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.postgres import types as pg_types
 from psycopg.pq import Format
-from sqlalchemy import BigInteger, Column, DateTime, Identity, Integer, MetaData, Table, Text, any_, bindparam, delete, false, func, insert, literal_column, select, update
+from sqlalchemy import (
+    BigInteger, Column, DateTime, Identity, Integer, MetaData, Table, Text, any_, bindparam, case, delete, false, func, insert,
+    literal_column, select, update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, insert as pg_insert
 from sqlalchemy.schema import CreateTable
 
+from parcours.core.errors import Forbidden
 from parcours.fhir.indexing import index_resource
 from parcours.fhir.registry import Registry
+from parcours.store import audit
 from parcours.store.repository import MAX_FTS_CHARS, render_version
 from parcours.store.schema import TS_CONFIG, resource_log, tables
 from parcours.store.sql import DIALECT, compile_stmt
@@ -69,7 +74,11 @@ stage = Table(
     Column("narr", Text), Column("txt", Text),
     Column("tokens", ARRAY(Text)), Column("refs", ARRAY(Text)), Column("compartments", ARRAY(Text)),
     prefixes=["TEMPORARY"],
+    # Staged rows are read once: rows up to a page stay inline, larger values go out of
+    # line, and none is compressed (pglz costs more than the copy it saves here).
+    postgresql_with={"toast_tuple_target": 8160},
 )
+_UNCOMPRESSED = ("content", "narr", "txt", "tokens", "refs", "compartments")
 # The three text[] columns come last: they are encoded by _text_array, not by psycopg.
 _STAGE_COLUMNS = ("rtype", "id", "version_id", "last_updated", "method", "content", "narr", "txt", "tokens", "refs", "compartments")
 _STAGE_TYPES = ("text", "text", "int4", "timestamptz", "text", "text", "text", "text")
@@ -218,16 +227,33 @@ def _quote(name: str) -> str:
 _TSCONFIG = literal_column(f"'{TS_CONFIG}'::regconfig")
 
 
+def _sql(stmt: Any) -> str:
+    """The SQL text of a fixed statement whose values are given at each execution."""
+    return str(stmt.compile(dialect=DIALECT))
+
+
 @cache
 def _stage_sql() -> dict[str, str]:
     s = stage
     return {
         "create": str(CreateTable(s, if_not_exists=True).compile(dialect=DIALECT)),
+        "storage": f"ALTER TABLE {_quote(s.name)} " + ", ".join(f"ALTER COLUMN {c} SET STORAGE EXTERNAL" for c in _UNCOMPRESSED),
         "copy": f"COPY {_quote(s.name)} ({', '.join(_STAGE_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
         "clear": f"TRUNCATE {_quote(s.name)}",
-        "log": compile_stmt(insert(resource_log).from_select(
+        "log": _sql(insert(resource_log).from_select(
             ["resource_type", "id", "version_id", "last_updated", "method"],
-            select(s.c.rtype, s.c.id, s.c.version_id, s.c.last_updated, s.c.method).order_by(s.c.ord)))[0],
+            select(s.c.rtype, s.c.id, s.c.version_id, s.c.last_updated, s.c.method).order_by(s.c.ord))),
+        # One audit entry per resource, as Repository._audit writes for every write.
+        "audit": _sql(insert(audit.audit_log).from_select(
+            ["recorded", "action", "outcome", "agent", "agent_kind", "fhir_user", "address", "resource_type", "resource_id",
+             "version_id", "patients"],
+            select(bindparam("recorded", type_=DateTime(timezone=True)),
+                   case((s.c.method == literal_column("'POST'"), literal_column("'create'")), else_=literal_column("'update'")),
+                   literal_column(f"'{audit.SUCCESS}'"),
+                   bindparam("agent", type_=Text), bindparam("agent_kind", type_=Text), bindparam("fhir_user", type_=Text),
+                   bindparam("address", type_=Text), s.c.rtype, s.c.id, s.c.version_id,
+                   literal_column(f"{s.name}.compartments[1:200]", ARRAY(Text)))
+            .order_by(s.c.ord))),
     }
 
 
@@ -241,19 +267,21 @@ def _type_sql(rtype: str) -> dict[str, str]:
     versions = func.unnest(ids, bindparam("vids", type_=ARRAY(Integer)), bindparam("contents", type_=ARRAY(Text))).table_valued(
         "id", "vid", "content").render_derived(name="v")
     return {
-        "main": compile_stmt(insert(m).from_select(
-            ["id", "version_id", "last_updated", "deleted", "content", "tokens", "refs", "compartments", "fts_text", "fts_content"],
+        "main": _sql(insert(m).from_select(
+            ["id", "version_id", "last_updated", "deleted", "content", "tokens", "refs", "compartments", "fts_text", "fts_content",
+             "author"],
             select(s.c.id, s.c.version_id, s.c.last_updated, false(), s.c.content, s.c.tokens, s.c.refs, s.c.compartments,
-                   func.to_tsvector(_TSCONFIG, s.c.narr), func.to_tsvector(_TSCONFIG, s.c.txt)).where(mine)))[0],
-        "history": compile_stmt(insert(h).from_select(
+                   func.to_tsvector(_TSCONFIG, s.c.narr), func.to_tsvector(_TSCONFIG, s.c.txt),
+                   bindparam("author", type_=Text)).where(mine))),
+        "history": _sql(insert(h).from_select(
             ["id", "version_id", "last_updated", "deleted", "method", "content"],
-            select(s.c.id, s.c.version_id, s.c.last_updated, false(), s.c.method, s.c.content).where(mine)))[0],
+            select(s.c.id, s.c.version_id, s.c.last_updated, false(), s.c.method, s.c.content).where(mine))),
         "idx": f"COPY {_quote(i.name)} ({', '.join(_IDX_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
-        "lock": compile_stmt(select(m.c.id, m.c.version_id).where(m.c.id == any_(ids)).with_for_update())[0],
-        "restage": compile_stmt(update(s).where(mine, s.c.id == versions.c.id).values(
-            version_id=versions.c.vid, content=versions.c.content))[0],
-        "drop_main": compile_stmt(delete(m).where(m.c.id == any_(ids)))[0],
-        "drop_idx": compile_stmt(delete(i).where(i.c.resource_id == any_(ids)))[0],
+        "lock": _sql(select(m.c.id, m.c.version_id).where(m.c.id == any_(ids)).with_for_update()),
+        "restage": _sql(update(s).where(mine, s.c.id == versions.c.id).values(
+            version_id=versions.c.vid, content=versions.c.content)),
+        "drop_main": _sql(delete(m).where(m.c.id == any_(ids))),
+        "drop_idx": _sql(delete(i).where(i.c.resource_id == any_(ids))),
     }
 
 
@@ -265,6 +293,10 @@ class BulkWriter:
     """
 
     def __init__(self, repo: Repository) -> None:
+        # No per-resource checks here (care relationships, labels, authorship, write
+        # rules): the bulk path is the platform's own, for imports by an operator.
+        if not repo.caller.is_system:
+            raise Forbidden("Bulk writes are for the platform's own imports")
         self.repo = repo
         self.conn: AsyncConnection = repo.conn
         self._pending: list[Batch] = []
@@ -297,6 +329,7 @@ class BulkWriter:
         async with self.conn.cursor() as cur:
             if not self._staging_ready:
                 await cur.execute(sql["create"])
+                await cur.execute(sql["storage"])
                 self._staging_ready = True
             async with cur.copy(sql["copy"]) as copy:
                 await copy.write(_COPY_SIGNATURE)
@@ -307,9 +340,10 @@ class BulkWriter:
             for b in batches:
                 order.update(dict.fromkeys(b.counts()))
             await self._next_versions(cur, batches)
+            author = self.repo._identity()  # noqa: SLF001 - what Repository._write stores
             for rtype in order:
                 ts = _type_sql(rtype)
-                await cur.execute(ts["main"], {"rtype": rtype})
+                await cur.execute(ts["main"], {"rtype": rtype, "author": author})
                 await cur.execute(ts["history"], {"rtype": rtype})
                 chunks = [b.idx[rtype] for b in batches if rtype in b.idx]
                 if chunks:
@@ -319,6 +353,10 @@ class BulkWriter:
                             await copy.write(c)
                         await copy.write(_COPY_TRAILER)
             await cur.execute(sql["log"])
+            if self.repo.audit_enabled:
+                c = self.repo.caller
+                await cur.execute(sql["audit"], {"recorded": self.repo.clock.now(), "agent": c.user_id or c.display,
+                                                 "agent_kind": c.kind, "fhir_user": c.fhir_user, "address": c.address})
             await cur.execute(sql["clear"])
         self.written += n
         return n

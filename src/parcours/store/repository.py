@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from psycopg import AsyncConnection
@@ -37,13 +37,14 @@ from parcours.core.errors import (
     Unprocessable,
 )
 from parcours.core.ids import is_valid_id, new_id
-from parcours.fhir.indexing import IndexValues, index_resource
+from parcours.fhir.indexing import SEP, IndexValues, index_resource
 from parcours.fhir.registry import Registry, registry
 from parcours.fhir.search import Filter, Include, SearchParser, SearchRequest
 from parcours.fhir.validation import validate_resource
 from parcours.security.caller import Caller
 from parcours.security.policy import (
     ALL,
+    PARCOURS_SECURITY,
     RESTRICTED_LABELS,
     CareContext,
     Scope,
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 
 MAX_FTS_CHARS = 200_000
 # Index tokens of the security labels that restrict an item to its author and the patient.
+MASKED = (PARCOURS_SECURITY, "masked")
 RESTRICTED_TOKENS = [f"_security\x1f{system}|{code}" for system, code in RESTRICTED_LABELS]
 READ_ACTIONS = frozenset({"read", "vread", "search", "history", "everything", "export"})
 
@@ -103,6 +105,25 @@ class WriteResult:
     changed: bool = True
 
 
+class WriteRule(Protocol):
+    """A domain rule run inside the transaction of every write of some resource types.
+
+    ``before_write`` is called after the policy allowed the write and before the new
+    version is stored, with the resource as it will be stored (``None`` for a delete)
+    and the current version (``None`` for a creation); the current row is locked. It
+    may raise a :class:`~parcours.core.errors.ParcoursError` to refuse the write, and
+    write other resources through ``repo.as_platform()`` in the same transaction
+    (booking keeps a Slot's status in step with its Appointments this way). Rules see
+    every write of the Repository (REST, Bundles, domain services); the bulk writer does
+    not run them, so ``parcours import`` writes these types through the Repository.
+    """
+
+    types: frozenset[str]
+
+    async def before_write(self, repo: "Repository", rtype: str, rid: str, resource: dict | None,
+                           previous: dict | None) -> None: ...
+
+
 def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -129,6 +150,9 @@ def _stmts(rtype: str) -> dict[str, str]:
     p = bindparam
     out = {
         "read": select(m.c.content, m.c.version_id, m.c.last_updated, m.c.deleted).where(m.c.id == p("id")),
+        # a read with what the access policy and the audit need, in one round trip
+        "read_access": select(m.c.content, m.c.version_id, m.c.last_updated, m.c.deleted, m.c.compartments, m.c.author,
+                              m.c.tokens.overlap(p("restricted", type_=ARRAY(Text)))).where(m.c.id == p("id")),
         "lock": select(m.c.version_id, m.c.deleted, m.c.content).where(m.c.id == p("id")).with_for_update(),
         # what the access policy needs to decide on one stored resource
         "access": select(m.c.compartments, m.c.author, m.c.tokens.overlap(p("restricted", type_=ARRAY(Text))), m.c.deleted).where(m.c.id == p("id")),
@@ -179,6 +203,7 @@ class Repository:
         reg: Registry | None = None,
         default_count: int = 20,
         max_count: int = 1000,
+        rules: Sequence[WriteRule] = (),
     ) -> None:
         self.conn = conn
         self.caller = caller
@@ -189,6 +214,7 @@ class Repository:
         self._care: CareContext | None = None
         self.attempt: tuple[str, str | None, str | None] | None = None  # for the audit of failures
         self.audit_enabled = True
+        self.rules = tuple(rules)
 
     # -- policy ---------------------------------------------------------------------
     def check_type(self, rtype: str) -> None:
@@ -216,23 +242,47 @@ class Repository:
     async def scope_where(self, rtype: str) -> Any:
         """The SQL condition that narrows every query on ``rtype`` for this caller:
         a search never reveals that a forbidden resource exists."""
+        if self.caller.is_system:
+            return self._scope_sql(rtype, tables(rtype).main, CareContext())
+        return self._scope_sql(rtype, tables(rtype).main, await self.care())
+
+    def _scope_sql(self, rtype: str, m: Any, ctx: CareContext) -> Any:
+        """``scope_where`` on one (possibly aliased) table, the care context known."""
         from sqlalchemy import false, not_, or_, true
 
-        sc = await self.scope(rtype)
+        sc = ALL if self.caller.is_system else search_scope(self.caller, rtype, ctx)
         if sc.everything:
             return true()
         if sc.nothing:
             return false()
-        m = tables(rtype).main
         cond = m.c.compartments.overlap(literal(sorted(sc.patients), ARRAY(Text)))
-        if self.caller.kind in ("patient", "proxy"):
-            return cond
-        ctx = await self.care()
-        visible = not_(m.c.tokens.overlap(literal(RESTRICTED_TOKENS, ARRAY(Text))))
-        if not ctx.identities:
-            return and_(cond, visible)
-        mine = m.c.author == any_(literal(sorted(ctx.identities), ARRAY(Text)))
-        return or_(and_(cond, visible), mine)
+        if sc.participant_params and ctx.identities:
+            keys = sorted(f"{p}{SEP}{i}" for p in sc.participant_params for i in ctx.identities)
+            cond = or_(cond, m.c.refs.overlap(literal(keys, ARRAY(Text))))
+        if not sc.restricted_visible_to_patients:
+            visible = not_(m.c.tokens.overlap(literal(RESTRICTED_TOKENS, ARRAY(Text))))
+            if not sc.hide_restricted_except:
+                cond = and_(cond, visible)
+            else:
+                mine = m.c.author == any_(literal(sorted(sc.hide_restricted_except), ARRAY(Text)))
+                cond = or_(and_(cond, visible), mine) if sc.authored_anywhere else and_(cond, or_(visible, mine))
+        if sc.blocked:
+            cond = and_(cond, not_(m.c.compartments.overlap(literal(sorted(sc.blocked), ARRAY(Text)))))
+        return cond
+
+    async def subquery_scope(self) -> Callable[[str, Any], Any]:
+        """What chained and ``_has`` criteria may look at, per type: what this caller may
+        search, so that a criterion never tests a resource the caller may not see."""
+        from sqlalchemy import false
+
+        ctx = CareContext() if self.caller.is_system else await self.care()
+
+        def scoped(rtype: str, m: Any) -> Any:
+            if not decide(self.caller, "search", rtype).allowed:
+                return false()
+            return self._scope_sql(rtype, m, ctx)
+
+        return scoped
 
     async def check_access(self, action: str, rtype: str, rid: str, *, compartments: list[str] | None = None,
                            author: str | None = None, restricted: bool | None = None) -> list[str]:
@@ -245,21 +295,38 @@ class Repository:
         if self.caller.is_system:
             return compartments
         labels = list(RESTRICTED_LABELS[:1]) if restricted else []
-        d = may_access(self.caller, rtype, compartments, labels, author, await self.care())
+        ctx = await self.care()
+        participates = False
+        params = search_scope(self.caller, rtype, ctx).participant_params
+        if params and ctx.identities:
+            m = tables(rtype).main
+            keys = sorted(f"{p}{SEP}{i}" for p in params for i in ctx.identities)
+            sql, args = compile_stmt(select(m.c.id).where(m.c.id == rid, m.c.refs.overlap(literal(keys, ARRAY(Text)))))
+            participates = await (await self.conn.execute(sql, args)).fetchone() is not None
+        d = may_access(self.caller, rtype, compartments, labels, author, ctx, action=action, target=f"{rtype}/{rid}",
+                       participates=participates)
         if not d.allowed:
             raise Forbidden(d.reason)
         return compartments
 
-    async def _check_new_content(self, rtype: str, resource: dict, iv: IndexValues, author: str | None, *, creating: bool) -> None:
+    async def _check_new_content(self, rtype: str, resource: dict, iv: IndexValues, author: str | None, *, creating: bool,
+                                 previous: list[str] | tuple[str, ...] = ()) -> None:
         """A write must leave the resource where the caller may reach it: a patient
         writes in their own compartment, a professional for a patient they care for.
-        Authorship counts for updates and for registering a new Patient, not for
-        writing into the record of a patient one has no relationship with."""
+        Authorship counts for registering a new Patient and for updates that leave the
+        resource in the records it was in (``previous``), not for writing into (or
+        moving something into) the record of a patient one has no relationship with."""
         if self.caller.is_system:
             return
-        labels = [(x.get("system"), x.get("code")) for x in (resource.get("meta") or {}).get("security") or [] if isinstance(x, dict)]
-        counted_author = author if (not creating or rtype == "Patient") else None
-        d = may_access(self.caller, rtype, iv.compartments, labels, counted_author, await self.care())
+        if rtype == "PractitionerRole" and self.caller.kind == "practitioner" and \
+                f"practitioner{SEP}{self.caller.fhir_user}" not in iv.refs:
+            raise Forbidden("A professional's directory entry must keep naming them")
+        # What one creates, one wrote: a restricted label on it hides it from others, not from its author.
+        labels = [] if creating else [(x.get("system"), x.get("code")) for x in (resource.get("meta") or {}).get("security") or []
+                                      if isinstance(x, dict)]
+        stays = not creating and set(iv.compartments) <= set(previous)
+        counted_author = author if (stays or (creating and rtype == "Patient")) else None
+        d = may_access(self.caller, rtype, iv.compartments, labels, counted_author, await self.care(), action="create")
         if not d.allowed:
             raise Forbidden(d.reason)
 
@@ -271,15 +338,19 @@ class Repository:
                      purpose: str | None = None, detail: dict | None = None) -> None:
         if not self.audit_enabled:
             return
+        c = self.caller
+        rec = audit.AuditRecord(
+            action=action, outcome=outcome, recorded=self.clock.now(), agent=c.user_id or c.display, agent_kind=c.kind,
+            fhir_user=c.fhir_user, address=c.address, resource_type=rtype, resource_id=rid, version_id=version,
+            patients=tuple(sorted(set(patients)))[:200], query=query, purpose=purpose, detail=detail)
         if action in READ_ACTIONS:
             # A read commits only its audit entry: group commit is enough (a crash may
             # lose the last fraction of a second of read entries, never a write's).
-            await self.conn.execute("SET LOCAL synchronous_commit TO off")
-        c = self.caller
-        await audit.record(self.conn, audit.AuditRecord(
-            action=action, outcome=outcome, recorded=self.clock.now(), agent=c.user_id or c.display, agent_kind=c.kind,
-            fhir_user=c.fhir_user, address=c.address, resource_type=rtype, resource_id=rid, version_id=version,
-            patients=tuple(sorted(set(patients)))[:200], query=query, purpose=purpose, detail=detail))
+            async with self.conn.pipeline():
+                await self.conn.execute("SET LOCAL synchronous_commit TO off")
+                await audit.record(self.conn, rec)
+        else:
+            await audit.record(self.conn, rec)
 
     async def break_glass(self, patient_id: str, reason: str, minutes: int = 240) -> datetime:
         """Emergency access to a patient's record without a care relationship: time
@@ -302,16 +373,44 @@ class Repository:
                           purpose="BTG", detail={"reason": reason.strip(), "until": until.isoformat()})
         return until
 
+    async def set_masked(self, rtype: str, rid: str, masked: bool) -> WriteResult:
+        """A patient hides one of their documents from professionals (the ``masked``
+        label: then only its author and the patient see it), or shows it again."""
+        self.authorize("update", rtype, rid)
+        self.attempt = ("mask", rtype, rid)
+        if self.caller.kind not in ("patient", "proxy"):
+            raise Forbidden("Only the patient hides a document of their record from professionals")
+        row = await (await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})).fetchone()
+        if row is None:
+            raise NotFound(f"{rtype}/{rid} is not known")
+        if row[1]:
+            raise Gone(f"{rtype}/{rid} was deleted", headers={"ETag": f'W/"{row[0]}"'})
+        await self.check_access("mask", rtype, rid)
+        resource = orjson.loads(row[2])
+        meta = dict(resource.get("meta") or {})
+        labels = [x for x in meta.get("security") or [] if not (isinstance(x, dict) and (x.get("system"), x.get("code")) == MASKED)]
+        if masked:
+            labels.append({"system": MASKED[0], "code": MASKED[1], "display": "masked by the patient"})
+        if labels == (meta.get("security") or []):
+            return WriteResult(await self.read(rtype, rid), created=False, changed=False)
+        if labels:
+            meta["security"] = labels
+        else:
+            meta.pop("security", None)
+        stored = await self._write(rtype, rid, {**resource, "meta": meta}, version=row[0] + 1, method="PATCH", insert=False,
+                                   action="mask")
+        return WriteResult(stored, created=False)
+
     # -- reads ------------------------------------------------------------------------
     async def read(self, rtype: str, rid: str) -> Stored:
         self.authorize("read", rtype, rid)
-        cur = await self.conn.execute(_stmts(rtype)["read"], {"id": rid})
+        cur = await self.conn.execute(_stmts(rtype)["read_access"], {"id": rid, "restricted": RESTRICTED_TOKENS})
         row = await cur.fetchone()
         if row is None:
             raise NotFound(f"{rtype}/{rid} is not known")
         if row[3]:
             raise Gone(f"{rtype}/{rid} was deleted", headers={"ETag": f'W/"{row[1]}"'})
-        patients = await self.check_access("read", rtype, rid)
+        patients = await self.check_access("read", rtype, rid, compartments=list(row[4]), author=row[5], restricted=bool(row[6]))
         await self._audit("read", rtype, rid, row[1], patients=patients)
         return Stored(rtype, rid, row[1], row[2], row[0])
 
@@ -376,7 +475,7 @@ class Repository:
         The body id must equal the URL id (400 otherwise, R4 3.1.0.4); ``if_match``
         (an ETag such as ``W/"3"``) makes the update version-aware: 412 when stale.
         """
-        self.authorize("update", rtype)
+        self.authorize("update", rtype, rid)
         expected = _parse_etag(if_match)
         if not is_valid_id(rid):
             raise BadRequest(f"Invalid id {rid!r}", [_issue("value", f"Invalid id {rid!r}: 1 to 64 of A-Z a-z 0-9 - .", f"{rtype}.id")])
@@ -413,7 +512,7 @@ class Repository:
         import jsonpatch
         import jsonpointer
 
-        self.authorize("patch", rtype)
+        self.authorize("patch", rtype, rid)
         expected = _parse_etag(if_match)
         ops: Any = None
         if merge:
@@ -464,6 +563,8 @@ class Repository:
             return None
         _check_version(rtype, rid, expected, row[0], False)
         patients = await self.check_access("delete", rtype, rid)
+        if self.rules:
+            await self._run_rules(rtype, rid, None, previous_known=False)
         version, now = row[0] + 1, self.clock.now()
         s = _stmts(rtype)
         empty = {"id": rid, "vid": version, "lu": now, "deleted": True, "content": None, "tokens": [], "refs": [], "comp": [], "narr": "", "text": ""}
@@ -526,19 +627,24 @@ class Repository:
 
         return BulkWriter(self)
 
-    async def _write(self, rtype: str, rid: str, resource: dict, *, version: int, method: str, insert: bool) -> Stored:
+    async def _write(self, rtype: str, rid: str, resource: dict, *, version: int, method: str, insert: bool,
+                     action: str | None = None) -> Stored:
         now = self.clock.now()
         ordered, content = render_version(rtype, rid, resource, version, now)
         iv = index_resource(ordered, self.registry, self.base_url)
-        action = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, "update")
+        action = action or {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, "update")
         author = self._identity()
         if not self.caller.is_system:
+            previous: list[str] = []
             if not insert:
                 row = await (await self.conn.execute(_stmts(rtype)["access"], {"id": rid, "restricted": RESTRICTED_TOKENS})).fetchone()
                 if row is not None and not row[3]:
-                    await self.check_access(action, rtype, rid, compartments=list(row[0]), author=row[1], restricted=bool(row[2]))
+                    previous = await self.check_access(action, rtype, rid, compartments=list(row[0]), author=row[1],
+                                                       restricted=bool(row[2]))
                 author = row[1] if row is not None else author
-            await self._check_new_content(rtype, ordered, iv, author, creating=insert)
+            await self._check_new_content(rtype, ordered, iv, author, creating=insert, previous=previous)
+        if self.rules:
+            await self._run_rules(rtype, rid, ordered, previous_known=insert)
         s = _stmts(rtype)
         params = {
             "id": rid, "vid": version, "lu": now, "deleted": False, "content": content,
@@ -555,6 +661,46 @@ class Repository:
             await self.conn.execute(s["log"], {"rtype": rtype, "id": rid, "vid": version, "lu": now, "method": method})
             await self._audit(action, rtype, rid, version, patients=iv.compartments)
         return Stored(rtype, rid, version, now, content)
+
+    async def _run_rules(self, rtype: str, rid: str, resource: dict | None, *, previous_known: bool) -> None:
+        """The write rules of ``rtype``; the current version is read only when one applies."""
+        rules = [r for r in self.rules if rtype in r.types]
+        if not rules:
+            return
+        previous = None
+        if not previous_known:
+            row = await (await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})).fetchone()
+            if row is not None and not row[1] and row[2] is not None:
+                previous = orjson.loads(row[2])
+        for rule in rules:
+            await rule.before_write(self, rtype, rid, resource, previous)
+
+    def as_platform(self) -> Repository:
+        """The platform's Repository on this same connection and transaction, with the same
+        rules: what a write rule uses to keep other resources consistent whoever the caller
+        is (a patient may book an Appointment, not write the Slot it takes). Its writes are
+        audited as the platform's."""
+        from parcours.security.caller import PLATFORM
+
+        if self.caller.kind == "platform":
+            return self
+        repo = Repository(self.conn, PLATFORM, base_url=self.base_url, clock=self.clock, reg=self.registry,
+                          default_count=self.parser.default_count, max_count=self.parser.max_count, rules=self.rules)
+        repo.audit_enabled = self.audit_enabled
+        return repo
+
+    async def lock(self, rtype: str, rid: str) -> dict | None:
+        """The current version of one resource, its row locked until the transaction ends
+        (``SELECT ... FOR UPDATE``), or None when there is none. For the platform's write
+        rules only: concurrent writers of the same row wait here, then see what the first
+        one committed."""
+        if self.caller.kind != "platform":
+            raise Forbidden("Row locks are taken by the platform's write rules only")
+        self.check_type(rtype)
+        row = await (await self.conn.execute(_stmts(rtype)["lock"], {"id": rid})).fetchone()
+        if row is None or row[1] or row[2] is None:
+            return None
+        return orjson.loads(row[2])
 
     async def _lock_key(self, key: str) -> None:
         h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
@@ -575,7 +721,7 @@ class Repository:
         if lock:
             await self._lock_key(f"{rtype}?{sorted(items)}")
         t = tables(rtype)
-        stmt = select(t.main.c.id).where(Compiler(self.base_url, self.clock.now()).where(rtype, req.filters),
+        stmt = select(t.main.c.id).where(Compiler(self.base_url, self.clock.now(), await self.subquery_scope()).where(rtype, req.filters),
                                          await self.scope_where(rtype))
         if limit:
             stmt = stmt.limit(limit)
@@ -660,7 +806,7 @@ class Repository:
             if req.resource_type or req.types:
                 self.authorize("search", rt)
         rtypes = [rt for rt in rtypes if decide(self.caller, "search", rt).allowed]
-        compiler = Compiler(self.base_url, self.clock.now())
+        compiler = Compiler(self.base_url, self.clock.now(), await self.subquery_scope())
         matches: list[Stored] = []
         total: int | None = None
         has_more = False
@@ -918,4 +1064,4 @@ def _issue(code: str, message: str, expression: str | None = None):  # type: ign
     return Issue(code, message, expression=(expression,) if expression else ())
 
 
-__all__ = ["Repository", "Stored", "SearchResult", "WriteResult", "Conflict", "text", "and_"]
+__all__ = ["Repository", "Stored", "SearchResult", "WriteResult", "WriteRule", "Conflict", "text", "and_"]

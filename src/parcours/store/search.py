@@ -7,6 +7,7 @@ the storage kind the registry gives each parameter.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -57,9 +58,16 @@ def aliased(rtype: str) -> SearchTables:
 
 
 class Compiler:
-    def __init__(self, base_url: str | None, now: datetime | None = None) -> None:
+    def __init__(self, base_url: str | None, now: datetime | None = None,
+                 scope: Callable[[str, Any], ColumnElement[bool]] | None = None) -> None:
         self.base_url = (base_url or "").rstrip("/")
         self.now = now or datetime.now(UTC)
+        # What the caller may see of a type (``Repository.subquery_scope``): chains and
+        # ``_has`` look at nothing else, so a criterion never reveals a forbidden resource.
+        self.scope = scope
+
+    def _in_scope(self, t: SearchTables) -> ColumnElement[bool]:
+        return self.scope(t.rtype, t.main) if self.scope is not None else true()
 
     # -- entry point -------------------------------------------------------------
     def where(self, rtype: str, filters: list[Filter]) -> ColumnElement[bool]:
@@ -170,7 +178,7 @@ class Compiler:
         ors = []
         for target, inner_filter in f.chain.links:
             tt = aliased(target)
-            inner = and_(tt.main.c.deleted.is_(False), self.filter(tt, inner_filter))
+            inner = and_(tt.main.c.deleted.is_(False), self.filter(tt, inner_filter), self._in_scope(tt))
             ids = select(func.array_agg(literal(f"{f.code}{SEP}{target}/") + tt.main.c.id)).where(inner).scalar_subquery()
             ors.append(t.main.c.refs.overlap(ids))
         return or_(*ors)
@@ -190,6 +198,7 @@ class Compiler:
             .where(
                 src.main.c.deleted.is_(False),
                 self.filter(src, f.has.inner),
+                self._in_scope(src),
                 func.left(ref.c.value, len(prefix)) == prefix,
             )
         )

@@ -85,11 +85,13 @@ async def set_data(conn: AsyncConnection, session_id: str, data: dict[str, Any])
                 .values(data=Jsonb(data)))
 
 
-async def delete_session(conn: AsyncConnection, session_id: str, *, account_id: str | None = None) -> bool:
+async def delete_session(conn: AsyncConnection, session_id: str, *, account_id: str | None = None) -> str | None:
+    """Delete one session; returns the account it belonged to (None: there was no such session)."""
     stmt = delete(web_session).where(web_session.c.id == session_id)
     if account_id is not None:
         stmt = stmt.where(web_session.c.account_id == account_id)
-    return await row_of(conn, stmt.returning(web_session.c.id)) is not None
+    row = await row_of(conn, stmt.returning(web_session.c.account_id))
+    return str(row["account_id"]) if row is not None else None
 
 
 async def delete_account_sessions(conn: AsyncConnection, account_id: str, *, keep: str | None = None) -> int:

@@ -19,8 +19,9 @@ from parcours.core.settings import Settings
 from parcours.events.runtime import Events
 from parcours.services import export
 from parcours.services import audit_trail
+from parcours.services.booking import notify as booking_notify
 from parcours.services.platform import Platform
-from parcours.web import directory_api, fhir, fhir_ws, pages, smart
+from parcours.web import access_pages, booking_api, booking_pages, directory_api, fhir, fhir_ws, oidc, pages, smart
 from parcours.web.fhir_render import error_response
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,12 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
         stop_export_worker = export.start_in_background(app.state.platform)  # bulk $export jobs
         app.state.events = await Events.start(app.state.platform)  # change feed, Subscriptions
         stop_audit = audit_trail.start_in_background(app.state.platform)  # seals, AuditEvents
+        stop_booking = booking_notify.start_in_background(  # reminders and other booking notices
+            app.state.platform, booking_api.notifier_of(app, app.state.platform))
         try:
             yield
         finally:
+            await stop_booking()
             await stop_audit()
             await app.state.events.close()
             await stop_export_worker()
@@ -55,7 +59,11 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     app.router.routes.append(Mount("/fhir", routes=fhir.routes))
     app.router.routes.append(Mount("/api/directory", routes=directory_api.routes))  # care-offer directory
     pages.install(app)  # sign-in, account settings, portal and workspace pages; session middleware
+    access_pages.install(app)  # access history, privacy choices, emergency access
     smart.install(app, settings)  # SMART on FHIR authorization server, client registration
+    oidc.install(app, settings)  # sign-in with external identity providers (Pro Santé Connect, FranceConnect)
+    booking_api.install(app)  # /api/booking, FHIR $find and $book, private agenda feeds
+    booking_pages.install(app)  # search with a map, booking, my appointments, the agenda
 
     @app.exception_handler(ParcoursError)
     async def parcours_error(request: Request, exc: ParcoursError) -> Response:

@@ -28,7 +28,7 @@ from parcours.services import bundles, capability
 from parcours.services import audit_trail
 from parcours.services.platform import Platform
 from parcours.store.repository import WriteResult
-from parcours.web import fhir_export
+from parcours.web import fhir_access, fhir_export
 from parcours.web.auth import caller_of
 from parcours.web.fhir_render import (
     FHIR_JSON,
@@ -400,6 +400,7 @@ async def not_found(request: Request) -> Response:
 routes = [
     Route("/metadata", metadata, methods=["GET"]),
     *fhir_export.routes,  # bulk $export: before the generic /{type}/{id} routes
+    *fhir_access.routes,  # $emergency-access, $hide, $unhide: before them too
     Route("/", system_root, methods=["GET", "POST"]),
     Route("/_search", system_search_post, methods=["POST"]),
     Route("/_history", history, methods=["GET"]),

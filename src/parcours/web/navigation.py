@@ -24,23 +24,28 @@ class NavItem:
 
 PORTAL_NAV: tuple[NavItem, ...] = (
     NavItem("home", "/portal", "nav.home", "portal.home.lead", available=True),
-    NavItem("appointments", "/portal/appointments", "nav.appointments", "portal.card.appointments"),
+    NavItem("appointments", "/portal/appointments", "nav.appointments", "portal.card.appointments", available=True),
     NavItem("records", "/portal/records", "nav.records", "portal.card.records"),
     NavItem("messages", "/portal/messages", "nav.messages", "portal.card.messages"),
     NavItem("telehealth", "/portal/telehealth", "nav.telehealth", "portal.card.telehealth"),
     NavItem("monitoring", "/portal/monitoring", "nav.monitoring", "portal.card.monitoring"),
+    NavItem("access_history", "/portal/access-history", "nav.access_history", "portal.card.access_history", available=True),
+    NavItem("privacy", "/portal/privacy", "nav.privacy", "portal.card.privacy", available=True, roles=frozenset({"patient"})),
     NavItem("account", "/account", "nav.account", "portal.card.account", available=True),
 )
 
 WORKSPACE_NAV: tuple[NavItem, ...] = (
     NavItem("home", "/workspace", "nav.home", "workspace.home.lead", available=True),
-    NavItem("agenda", "/workspace/agenda", "nav.agenda", "workspace.card.agenda"),
+    NavItem("agenda", "/workspace/agenda", "nav.agenda", "workspace.card.agenda", available=True,
+            roles=frozenset({"practitioner", "staff"})),
     NavItem("patients", "/workspace/patients", "nav.patients", "workspace.card.patients"),
     NavItem("messages", "/workspace/messages", "nav.messages", "workspace.card.messages"),
     NavItem("telehealth", "/workspace/telehealth", "nav.telehealth", "workspace.card.telehealth"),
     NavItem("directory", "/workspace/directory", "nav.directory", "workspace.card.directory"),
     NavItem("administration", "/workspace/administration", "nav.administration", "workspace.card.administration",
             available=True, roles=frozenset({"admin"})),
+    NavItem("emergency", "/workspace/emergency-access", "nav.emergency", "workspace.card.emergency", available=True,
+            roles=frozenset({"practitioner"})),
     NavItem("account", "/account", "nav.account", "workspace.card.account", available=True),
 )
 

@@ -111,7 +111,9 @@ def render(request: Request, template: str, status: int = 200, **context: Any) -
     full = active is not None and active.session.stage == FULL
     space = roles.role(active.account.role).space if full and active else None
     base = {
-        "t": t, "lang": lang, "languages": i18n.NAMES, "csrf": token, "request_path": request.url.path,
+        # The language switch comes back here, query included (an OAuth consent page lives in its query).
+        "t": t, "lang": lang, "languages": i18n.NAMES, "csrf": token,
+        "request_path": request.url.path + (f"?{request.url.query}" if request.method == "GET" and request.url.query else ""),
         "account": active.account if full and active else None, "space": space,
         "nav": navigation.items_for(space, active.account.role) if space and active else [],
         "current": None, "notice": None, "error": None, "minimal": False,

@@ -10,8 +10,9 @@ answers (JSON or redirects) are Authlib's, pages are rendered like the others.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -19,11 +20,11 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from parcours.core.errors import BadRequest, Forbidden, ParcoursError
+from parcours.core.errors import BadRequest, Forbidden
 from parcours.core.settings import Settings
 from parcours.services import smart
 from parcours.services.smart import FORM_ONLY, ConsentView, HttpRequest, NewClient, OAuthResponse
-from parcours.store.sessions import FULL
+from parcours.store.sessions import FULL, ActiveSession
 from parcours.web.pages import (
     SECURITY_HEADERS,
     page,
@@ -48,21 +49,22 @@ def _public_url(request: Request, path: str, query: str = "") -> str:
     return base + path + ("?" + query if query else "")
 
 
-async def oauth_request(request: Request, path: str, *, form: dict[str, list[str]] | None = None) -> HttpRequest:
+async def oauth_request(request: Request, path: str) -> HttpRequest:
+    """The OAuth parameters of a request: the query of a GET, the form of a POST (never both:
+    a client secret does not belong in a URL)."""
     params: dict[str, list[str]] = defaultdict(list)
-    for k, v in request.query_params.multi_items():
-        params[k].append(v)
-    if form is None and request.method == "POST":
+    if request.method == "POST":
         for k, v in (await request.form()).multi_items():
             if isinstance(v, str):
                 params[k].append(v)
-    for k, values in (form or {}).items():
-        params[k].extend(values)
+    else:
+        for k, v in request.query_params.multi_items():
+            params[k].append(v)
     return HttpRequest(request.method, _public_url(request, path, request.url.query), request.headers, dict(params))
 
 
 def oauth_response(answer: OAuthResponse) -> Response:
-    headers = {k: v for k, v in answer.headers if k.lower() != "content-type"}
+    headers = {k: v for k, v in answer.headers if k.lower() not in ("content-type", "location")}
     if answer.location:
         return RedirectResponse(answer.location, 302, headers={**SECURITY_HEADERS, **headers})
     if isinstance(answer.body, dict):
@@ -88,6 +90,7 @@ async def jwks(request: Request) -> Response:
 
 async def token(request: Request) -> Response:
     http = await oauth_request(request, "/oauth/token")
+    await smart_of(request).signing_key(platform_of(request))  # before the transaction: it may create the key
     async with transaction(request) as conn:
         answer = await smart_of(request).token(platform_of(request), conn, http)
     return oauth_response(answer)
@@ -110,7 +113,14 @@ async def introspect(request: Request) -> Response:
 # -- authorization and consent -------------------------------------------------------------------------
 
 def _consent_page(request: Request, view: ConsentView, status: int = 200) -> Response:
-    return render(request, "smart_consent.html", status, view=view, error=view.error)
+    response = render(request, "smart_consent.html", status, view=view, error=view.error)
+    # The answer redirects the form to the app: browsers apply form-action to that redirect too.
+    target = urlsplit(view.params.get("redirect_uri") or (view.client.redirect_uris or [""])[0])
+    source = f"{target.scheme}://{target.netloc}" if target.scheme in ("http", "https") else f"{target.scheme}:"
+    if re.fullmatch(r"[a-z][a-z0-9+.-]*:(//[A-Za-z0-9.\-\[\]:]+)?", source):
+        csp = response.headers["Content-Security-Policy"]
+        response.headers["Content-Security-Policy"] = csp.replace("form-action 'self'", f"form-action 'self' {source}")
+    return response
 
 
 @page
@@ -143,7 +153,7 @@ async def authorize_decision(request: Request) -> Response:
         if isinstance(v, str) and k not in FORM_ONLY:
             fields[k].append(v)
     http = HttpRequest("GET", _public_url(request, "/oauth/authorize"), request.headers, dict(fields))
-    patient = str(form.get("patient") or form.get("patient_id") or "") or None
+    patient = str(form.get("patient_id") or form.get("patient") or "").strip() or None  # typed wins over ticked
     async with transaction(request) as conn:
         answer = await smart_of(request).authorization_decision(
             platform_of(request), conn, http, active.account, active.session.created_at,
@@ -155,7 +165,7 @@ async def authorize_decision(request: Request) -> Response:
 
 # -- administration: client applications --------------------------------------------------------------
 
-def require_admin(request: Request):  # type: ignore[no-untyped-def]
+def require_admin(request: Request) -> ActiveSession:
     active = require_space(request, "workspace")
     if active.account.role != "admin":
         raise Forbidden("This page is for administrators")
@@ -227,10 +237,8 @@ class RevocationRefresh:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" or (scope["type"] == "http" and _has_bearer(scope)):
             state = scope["app"].state
-            try:
-                await state.smart.revoked.refresh_if_stale(state.platform)
-            except ParcoursError:
-                pass
+            # Fails closed: without a fresh list, no bearer request goes through.
+            await state.smart.revoked.refresh_if_stale(state.platform)
         await self.app(scope, receive, send)
 
 

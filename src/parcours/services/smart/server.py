@@ -1,4 +1,4 @@
-"""SMART on FHIR authorization server: App Launch 2.x (authorization code + PKCE, OpenID
+"""The SMART on FHIR authorization server: App Launch 2.x (authorization code + PKCE, OpenID
 Connect, refresh tokens) and Backend Services (client credentials with private_key_jwt),
 with revocation (RFC 7009) and introspection (RFC 7662), on Authlib's server components.
 
@@ -24,11 +24,10 @@ import hmac
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 from authlib.oauth2 import rfc6749
@@ -50,11 +49,12 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 from psycopg import AsyncConnection
 
-from parcours.core.errors import BadRequest, Forbidden, NotFound, ParcoursError, Unauthorized
+from parcours.core.errors import BadRequest, Unauthorized
 from parcours.core.ids import new_id
-from parcours.security import roles, scopes, tokens
-from parcours.services import accounts
+from parcours.security import scopes, tokens
 from parcours.services.platform import Platform
+from parcours.services.smart.consent import ConsentView, check_patient_choice, consent_view
+from parcours.services.smart.discovery import ASSERTION_ALGORITHMS, AUTH_METHODS, Endpoints
 from parcours.store import accounts as account_store
 from parcours.store import oauth as store
 from parcours.store.accounts import Account
@@ -65,10 +65,7 @@ CODE_LIFETIME = timedelta(minutes=2)
 ID_TOKEN_LIFETIME_S = 3600
 ASSERTION_MAX_LIFETIME_S = 300  # SMART Backend Services: exp no more than five minutes ahead
 CLOCK_SKEW_S = 10
-ASSERTION_ALGORITHMS = ["RS384", "ES384"]  # what SMART Backend Services require servers to support
-AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 JWKS_URL_CACHE_S = 300.0
-PATIENT_CHOICES = 50
 
 
 # -- requests and responses, without a web framework ---------------------------------------------
@@ -92,78 +89,6 @@ class OAuthResponse:
     @property
     def location(self) -> str | None:
         return next((v for k, v in self.headers if k.lower() == "location"), None)
-
-
-# -- endpoints and discovery ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Endpoints:
-    base: str
-    issuer: str  # OpenID Connect issuer = FHIR base
-    authorize: str
-    token: str
-    revoke: str
-    introspect: str
-    jwks: str
-
-    @classmethod
-    def of(cls, platform: Platform) -> "Endpoints":
-        base = platform.settings.base_url.rstrip("/")
-        return cls(base, platform.settings.fhir_base, f"{base}/oauth/authorize", f"{base}/oauth/token",
-                   f"{base}/oauth/revoke", f"{base}/oauth/introspect", f"{base}/oauth/jwks")
-
-
-SCOPES_SUPPORTED = [
-    "openid", "fhirUser", "profile", "launch/patient", "offline_access",
-    "patient/*.cruds", "patient/*.rs", "user/*.cruds", "user/*.rs", "system/*.cruds", "system/*.rs",
-    "patient/*.read", "patient/*.write", "patient/*.*", "user/*.read", "user/*.write", "user/*.*",
-    "system/*.read", "system/*.write", "system/*.*",
-]
-
-
-def smart_configuration(platform: Platform) -> dict[str, Any]:
-    """``.well-known/smart-configuration`` (SMART App Launch 2.x)."""
-    e = Endpoints.of(platform)
-    return {
-        "issuer": e.issuer,
-        "jwks_uri": e.jwks,
-        "authorization_endpoint": e.authorize,
-        "token_endpoint": e.token,
-        "revocation_endpoint": e.revoke,
-        "introspection_endpoint": e.introspect,
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
-        "token_endpoint_auth_methods_supported": AUTH_METHODS,
-        "token_endpoint_auth_signing_alg_values_supported": ASSERTION_ALGORITHMS,
-        "scopes_supported": SCOPES_SUPPORTED,
-        "response_types_supported": ["code"],
-        "code_challenge_methods_supported": ["S256"],
-        "capabilities": [
-            "launch-standalone", "client-public", "client-confidential-symmetric", "client-confidential-asymmetric",
-            "context-standalone-patient", "permission-offline", "permission-patient", "permission-user",
-            "permission-v1", "permission-v2", "sso-openid-connect", "authorize-post",
-        ],
-    }
-
-
-def openid_configuration(platform: Platform) -> dict[str, Any]:
-    """OpenID Connect discovery for the id_tokens SMART apps receive."""
-    e = Endpoints.of(platform)
-    return {
-        "issuer": e.issuer,
-        "authorization_endpoint": e.authorize,
-        "token_endpoint": e.token,
-        "jwks_uri": e.jwks,
-        "revocation_endpoint": e.revoke,
-        "introspection_endpoint": e.introspect,
-        "response_types_supported": ["code"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
-        "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256"],
-        "token_endpoint_auth_methods_supported": AUTH_METHODS,
-        "scopes_supported": ["openid", "fhirUser", "profile", "offline_access"],
-        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser", "name"],
-        "code_challenge_methods_supported": ["S256"],
-    }
 
 
 # -- per-process state ---------------------------------------------------------------------------------
@@ -221,21 +146,23 @@ class Smart:
         self._jwks_urls: dict[str, tuple[float, dict]] = {}
 
     # -- keys ------------------------------------------------------------------------------------
-    async def signing_key(self, platform: Platform, conn: AsyncConnection) -> store.SigningKey:
+    async def signing_key(self, platform: Platform) -> store.SigningKey:
+        """The key that signs id_tokens, created the first time (in a transaction of its own:
+        a key must never sign before it is published)."""
         if self._keys.key is None:
-            keys = await store.signing_keys(conn)
-            if not keys:
-                await store.lock_signing_keys(conn)
+            async with platform.pool.connection() as conn, conn.transaction():
                 keys = await store.signing_keys(conn)
                 if not keys:
-                    keys = [new_signing_key(platform.clock.now())]
-                    await store.insert_signing_key(conn, keys[0])
+                    await store.lock_signing_keys(conn)
+                    keys = await store.signing_keys(conn)
+                    if not keys:
+                        keys = [new_signing_key(platform.clock.now())]
+                        await store.insert_signing_key(conn, keys[0])
             self._keys = _KeyCache(keys[0], [k.public_jwk for k in keys])
         return self._keys.key  # type: ignore[return-value]
 
     async def jwks(self, platform: Platform) -> dict[str, Any]:
-        async with platform.pool.connection() as conn, conn.transaction():
-            await self.signing_key(platform, conn)
+        await self.signing_key(platform)
         return {"keys": list(self._keys.public)}
 
     def client_jwks(self, client: store.Client) -> KeySet:
@@ -257,6 +184,7 @@ class Smart:
 
     # -- the endpoints -----------------------------------------------------------------------------
     async def token(self, platform: Platform, conn: AsyncConnection, http: HttpRequest) -> OAuthResponse:
+        await self.signing_key(platform)  # id_tokens (the web edge loads it before its transaction)
         ctx = await self._context(platform, conn)
         response = await ctx.run(lambda server: server.create_token_response(_Request(http)))
         self.revoked.add(*ctx.revoked_jtis)  # a replayed code or refresh token revoked its grant
@@ -307,8 +235,7 @@ class Smart:
         return await ctx.run(lambda server: server.create_authorization_response(grant.request, grant_user=user, grant=grant))
 
     async def _context(self, platform: Platform, conn: AsyncConnection) -> "_Context":
-        key = await self.signing_key(platform, conn)
-        return _Context(self, platform, _Db(asyncio.get_running_loop(), conn), platform.clock.now(), key)
+        return _Context(self, platform, _Db(asyncio.get_running_loop(), conn), platform.clock.now(), self._keys.key)
 
 
 def new_signing_key(now: datetime) -> store.SigningKey:
@@ -357,7 +284,7 @@ class GrantedUser:
 class _Context:
     """One request to the authorization server."""
 
-    def __init__(self, smart: Smart, platform: Platform, db: _Db, now: datetime, key: store.SigningKey) -> None:
+    def __init__(self, smart: Smart, platform: Platform, db: _Db, now: datetime, key: store.SigningKey | None) -> None:
         self.smart, self.platform, self.db, self.now, self.key = smart, platform, db, now, key
         self.endpoints = Endpoints.of(platform)
         self.issued: tuple[str, datetime] | None = None  # (jti, expiry) of the access token just made
@@ -671,14 +598,19 @@ class _OpenIdCode(oidc_grants.OpenIDCode):
         super().__init__(require_nonce=False)
         self.ctx = ctx
 
+    @property
+    def key(self) -> store.SigningKey:
+        assert self.ctx.key is not None, "Smart.token loads the signing key first"
+        return self.ctx.key
+
     def resolve_client_private_key(self, client: _Client) -> RSAKey:
-        return RSAKey.import_key(self.ctx.key.private_pem, parameters={"kid": self.ctx.key.kid})
+        return RSAKey.import_key(self.key.private_pem, parameters={"kid": self.key.kid})
 
     def get_client_algorithm(self, client: _Client) -> str:
-        return self.ctx.key.alg
+        return self.key.alg
 
     def get_encode_header(self, client: _Client) -> dict[str, str]:
-        return {"alg": self.ctx.key.alg, "kid": self.ctx.key.kid, "typ": "JWT"}
+        return {"alg": self.key.alg, "kid": self.key.kid, "typ": "JWT"}
 
     def get_client_claims(self, client: _Client) -> dict[str, Any]:
         now = int(self.ctx.now.timestamp())
@@ -828,207 +760,3 @@ class _Introspection(IntrospectionEndpoint):
                 **({"patient": r.patient} if r.patient else {})}
 
 
-# -- consent ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ScopeLine:
-    """One line of the consent page."""
-
-    key: str  # message key
-    rtype: str | None = None  # resource type, "*" for all
-    actions: tuple[str, ...] = ()  # read, search, create, update, delete
-    context: str | None = None  # patient | user
-
-
-@dataclass(frozen=True)
-class PatientChoice:
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class ConsentView:
-    client: store.Client
-    params: dict[str, str]  # the authorization request, carried by the consent form
-    granted: list[str]
-    lines: list[ScopeLine]
-    needs_patient: bool
-    patient: PatientChoice | None  # decided without asking (a patient's own record)
-    choices: list[PatientChoice]  # to choose from
-    free_entry: bool  # professionals may type a patient id
-    redirect_host: str
-    error: str | None = None
-
-    def with_error(self, error: str) -> "ConsentView":
-        from dataclasses import replace
-
-        return replace(self, error=error)
-
-
-_ACTION_OF = {"r": "read", "s": "search", "c": "create", "u": "update", "d": "delete"}
-
-
-def describe(granted: Iterable[str]) -> list[ScopeLine]:
-    lines: list[ScopeLine] = []
-    for s in granted:
-        r = scopes.parse(s)
-        if r is not None:
-            actions = tuple(_ACTION_OF[ch] for ch in "rscud" if ch in r.perms)
-            lines.append(ScopeLine(f"smart.scope.{r.context}", r.rtype, actions, r.context))
-        elif s in (scopes.OPENID, scopes.FHIR_USER, scopes.PROFILE):
-            if not any(line.key == "smart.scope.identity" for line in lines):
-                lines.append(ScopeLine("smart.scope.identity"))
-        elif s == scopes.OFFLINE:
-            lines.append(ScopeLine("smart.scope.offline"))
-        elif s == scopes.LAUNCH_PATIENT:
-            lines.append(ScopeLine("smart.scope.launch_patient"))
-    return lines
-
-
-async def consent_view(platform: Platform, conn: AsyncConnection, client: store.Client, account: Account,
-                       params: dict[str, str]) -> ConsentView:
-    role = roles.role(account.role)
-    granted = scopes.grant(params.get("scope"), client_allowed=scopes.split(client.scope), role_allowed=role.session_scopes)
-    needs_patient = scopes.has_patient_scopes(granted) or scopes.LAUNCH_PATIENT in granted
-    patient: PatientChoice | None = None
-    choices: list[PatientChoice] = []
-    free_entry = False
-    if needs_patient:
-        if account.role == roles.PATIENT and account.fhir_user and account.fhir_user.startswith("Patient/"):
-            patient = PatientChoice(account.fhir_user.split("/", 1)[1], account.display_name)
-        else:
-            choices = await reachable_patients(platform, conn, account)
-            free_entry = role.space == "workspace"
-    redirect = params.get("redirect_uri") or (client.redirect_uris[0] if client.redirect_uris else "")
-    return ConsentView(client, {k: v for k, v in params.items() if k not in FORM_ONLY}, granted, describe(granted),
-                       needs_patient, patient, choices, free_entry, urlsplit(redirect).netloc or redirect)
-
-
-# Fields of the consent form that are not part of the authorization request.
-FORM_ONLY = frozenset({"csrf_token", "decision", "patient", "patient_id"})
-
-
-async def reachable_patients(platform: Platform, conn: AsyncConnection, account: Account) -> list[PatientChoice]:
-    """The Patients this user may open, as the access policy sees it (a proxy's represented
-    patients, a professional's patients): the same search the user's pages would run."""
-    repo = platform.repository(conn, accounts.caller_for(account))
-    try:
-        found = await repo.search(repo.parse_search("Patient", [("_count", str(PATIENT_CHOICES))]))
-    except ParcoursError:
-        return []
-    from parcours.fhir import fr_core
-
-    return [PatientChoice(s.id, fr_core.display_name(s.resource()) or s.id) for s in found.matches]
-
-
-async def check_patient_choice(platform: Platform, conn: AsyncConnection, account: Account, view: ConsentView,
-                               chosen: str | None) -> str | None:
-    """The Patient id of the launch context, checked through the user's own access."""
-    if not view.needs_patient:
-        return None
-    if view.patient is not None:
-        return view.patient.id
-    chosen = (chosen or "").strip().removeprefix("Patient/")
-    if not chosen:
-        return None
-    if any(c.id == chosen for c in view.choices):
-        return chosen
-    if not view.free_entry:
-        raise Forbidden("This patient is not one you may choose")
-    repo = platform.repository(conn, accounts.caller_for(account))
-    try:
-        await repo.read("Patient", chosen)
-    except (NotFound, Forbidden, BadRequest):
-        raise Forbidden(f"You have no access to Patient/{chosen}") from None
-    return chosen
-
-
-# -- client registration -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NewClient:
-    name: str
-    client_type: str  # public | confidential | backend
-    redirect_uris: list[str]
-    scope: str
-    jwks: dict | None = None
-    jwks_url: str | None = None
-
-
-def _secure_url(url: str, *, custom_schemes: bool) -> bool:
-    parts = urlsplit(url)
-    if parts.fragment:
-        return False
-    if parts.scheme == "https" and parts.netloc:
-        return True
-    if parts.scheme == "http":
-        return parts.hostname in ("localhost", "127.0.0.1", "::1")
-    # Native apps (RFC 8252): a private-use scheme such as "fr.example.app:/callback".
-    return custom_schemes and "." in parts.scheme and parts.scheme not in ("javascript", "data", "file")
-
-
-def check_new_client(new: NewClient) -> None:
-    if not new.name.strip():
-        raise BadRequest("A client needs a name")
-    if new.client_type not in store.CLIENT_TYPES:
-        raise BadRequest(f"Unknown client type {new.client_type!r}: one of {', '.join(store.CLIENT_TYPES)}")
-    names = scopes.split(new.scope)
-    if not names:
-        raise BadRequest("A client needs at least one scope")
-    bad = [s for s in names if not scopes.valid_registration_scope(s)]
-    if bad:
-        raise BadRequest(f"Not a supported scope: {', '.join(bad)}")
-    system = [s for s in names if s.startswith("system/")]
-    if new.client_type == "backend":
-        if len(system) != len(names):
-            raise BadRequest("A backend service is given system/ scopes only")
-        if new.redirect_uris:
-            raise BadRequest("A backend service has no redirect URI")
-        if not (new.jwks or new.jwks_url):
-            raise BadRequest("A backend service authenticates with its keys: give a JWKS (--jwks-file) or a JWKS URL")
-    else:
-        if system:
-            raise BadRequest("system/ scopes are for backend services")
-        if not new.redirect_uris:
-            raise BadRequest("An app needs at least one redirect URI")
-        for uri in new.redirect_uris:
-            if not _secure_url(uri, custom_schemes=new.client_type == "public"):
-                raise BadRequest(f"Redirect URI {uri!r} must be https (http only on this machine, no fragment)")
-    if new.jwks_url and not _secure_url(new.jwks_url, custom_schemes=False):
-        raise BadRequest("The JWKS URL must be https")
-    if new.jwks is not None:
-        try:
-            keyset = KeySet.import_key_set(new.jwks)
-        except (JoseError, ValueError, TypeError, KeyError) as e:
-            raise BadRequest(f"The JWKS is not valid: {e}") from None
-        if not keyset.keys:
-            raise BadRequest("The JWKS holds no key")
-        if any(k.is_private for k in keyset.keys):
-            raise BadRequest("The JWKS must hold public keys only: never send a private key")
-
-
-async def register_client(platform: Platform, conn: AsyncConnection, new: NewClient, *,
-                          created_by: str | None) -> tuple[store.Client, str | None]:
-    """A new client and its secret (confidential clients only; shown once, only its hash is kept)."""
-    check_new_client(new)
-    secret = secrets.token_urlsafe(32) if new.client_type == "confidential" else None
-    jwks = None
-    if new.jwks is not None:
-        jwks = {"keys": [k.as_dict(private=False) for k in KeySet.import_key_set(new.jwks).keys]}
-    client = await store.insert_client(
-        conn, client_id=secrets.token_urlsafe(18), name=new.name.strip(), client_type=new.client_type, secret=secret,
-        redirect_uris=list(dict.fromkeys(new.redirect_uris)), scope=" ".join(scopes.split(new.scope)), jwks=jwks,
-        jwks_url=new.jwks_url, created_by=created_by, now=platform.clock.now())
-    return client, secret
-
-
-async def list_clients(conn: AsyncConnection) -> list[store.Client]:
-    return await store.list_clients(conn)
-
-
-async def set_client_active(platform: Platform, conn: AsyncConnection, client_id: str, active: bool) -> None:
-    if not await store.set_client_status(conn, client_id, "active" if active else "disabled", platform.clock.now()):
-        raise NotFound(f"No client {client_id}")
-
-
-__all__ = ["Smart", "HttpRequest", "OAuthResponse", "ConsentView", "NewClient", "register_client"]
