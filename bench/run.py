@@ -196,10 +196,10 @@ class CpuMeter:
 
 
 DISTURBED = 30.0  # % of a core used by other processes during a run
-QUIET_BUDGET = [300.0]  # seconds of waiting allowed over the whole benchmark
+QUIET_BUDGET = [180.0]  # seconds of waiting allowed over the whole benchmark
 
 
-def wait_for_quiet(limit: float = 60.0, busy_max: float = 25.0) -> float:
+def wait_for_quiet(limit: float = 45.0, busy_max: float = 25.0) -> float:
     """Wait (at most ``limit`` s, within the overall budget) until the machine is nearly
     idle before a run: other processes on a 2-core machine distort the figures.
     Returns the seconds waited."""
@@ -746,7 +746,7 @@ def main() -> int:
     ap.add_argument("--out", help="report path (default docs/benchmarks.md; --quick writes none unless given)")
     ap.add_argument("--run-timeout", type=float, default=420.0, help="seconds allowed to one fhirbench run")
     ap.add_argument("--extra-runs", type=int, default=3, help="runs allowed to replace disturbed ones")
-    ap.add_argument("--time-budget", type=float, default=600.0, help="no extra run starts after this many seconds")
+    ap.add_argument("--time-budget", type=float, default=540.0, help="no extra run starts after this many seconds")
     args = ap.parse_args()
     # SIGTERM (timeout, CI) behaves as Ctrl-C: the finally clauses stop servers and clients.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -307,6 +307,9 @@ async def test_find_and_book_operations(client, platform) -> None:
     # Then the next free slots, the soonest after the taken one first.
     assert issues[1]["expression"] == [proposed[1]["slot"][0]["reference"]]
     assert len(issues) == 1 + 5
+    rest = (await client.get("/fhir/metadata")).json()["rest"][0]["resource"]
+    ops = {r["type"]: {o["name"] for o in r.get("operation", [])} for r in rest}
+    assert ops["Appointment"] >= {"find", "book"} and "find" in ops["Slot"]
 
 
 async def test_json_api_answers_slot_taken_with_alternatives(client, platform) -> None:

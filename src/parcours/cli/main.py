@@ -124,3 +124,7 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+from parcours.cli import booking_cmd  # noqa: E402
+
+app.add_typer(booking_cmd.app, name="booking")

@@ -74,6 +74,11 @@ UnsupportedMedia = _kind("UnsupportedMedia", 415, "PRC-1415", "not-supported")
 Unprocessable = _kind("Unprocessable", 422, "PRC-1423", "processing")
 # Booking: a rule of the practitioner forbids it (too late to cancel, slot for known patients only...).
 BookingRuleViolation = _kind("BookingRuleViolation", 422, "PRC-1424", "business-rule")
+# Shared record: an upload that is not what it claims, broken or hostile (not stored);
+# one the malware scanner flagged; the scanner could not be reached (nothing stored: retry later).
+UploadRejected = _kind("UploadRejected", 422, "PRC-1425", "invalid")
+MalwareDetected = _kind("MalwareDetected", 422, "PRC-1426", "security")
+ScannerUnavailable = _kind("ScannerUnavailable", 503, "PRC-1503", "transient")
 NotImplementedFeature = _kind("NotImplementedFeature", 501, "PRC-1501", "not-supported")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -105,6 +105,34 @@ class Settings(BaseSettings):
     booking_jobs_poll_seconds: float = 15.0
     # Map tiles of the booking search page ({z}/{x}/{y}); empty: the map shows markers only.
     map_tiles_url: str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+    # Teleconsultation: the ICE servers (STUN/TURN) given to the browsers, as in RTCConfiguration.iceServers,
+    # e.g. [{"urls": "turn:turn.example:3478", "username": "u", "credential": "p"}] (docs/telehealth.md).
+    telehealth_ice_servers: list[dict[str, Any]] = Field(default_factory=list)
+
+    # Shared record: document content (encrypted with AES-GCM) goes to ``$PARCOURS_HOME/blobs``
+    # unless an S3-compatible bucket is set. Keys: ``record_keys`` {key id: base64 of 32 bytes}
+    # and ``record_key_id`` (the one new content is written with); without them the keys are
+    # generated into the database secrets (development) and `parcours keys rotate` makes new ones.
+    record_blob_dir: Path | None = None
+    record_s3_bucket: str | None = None
+    record_s3_endpoint: str | None = None
+    record_s3_region: str = "us-east-1"
+    record_s3_access_key: str | None = None
+    record_s3_secret_key: str | None = None
+    record_keys: dict[str, str] = Field(default_factory=dict)
+    record_key_id: str | None = None
+    record_key_refresh_seconds: float = 30.0
+    # Uploads: largest accepted file, and the ClamAV daemon's unix socket (unset: no malware scan).
+    record_max_upload_bytes: int = 20 * 1024 * 1024
+    record_clamd_socket: str | None = None
+    # Lab results over HL7 v2: the MLLP listener (unset: none; `parcours serve --mllp-port`), and
+    # whether the INS test OIDs (1.2.250.1.213.1.4.10/.11, used by the CI-SIS samples) identify patients.
+    mllp_port: int | None = None
+    mllp_host: str = "127.0.0.1"
+    hl7_accept_test_ins: bool = False
+    # New documents and results: the patient is told by e-mail (no clinical detail) by each
+    # server process's notice runner unless this is off.
+    record_notices_worker: bool = True
 
     @property
     def fhir_base(self) -> str:

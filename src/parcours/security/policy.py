@@ -7,11 +7,18 @@ returned search scope to every query; nothing else decides. Three layers:
    bound what any caller may do per resource type;
 2. the role matrix says what each kind of user may do per family of types
    (directory, scheduling, clinical, audit);
-3. instance rules: a patient or proxy reaches only their own compartment; a
+3. instance rules: a patient or proxy reaches only their own compartment and
+   changes or deletes only what they wrote (except ``PATIENT_UPDATABLE``); a
    professional reaches a patient's data only through a care relationship or
-   an emergency access, never when the patient blocked them; restricted items
+   an emergency access, never when the patient blocked them (not even what they
+   wrote), and sees a patient's appointments only so, or as their participant;
+   professionals change their own directory entry only; restricted items
    (confidentiality R/V) and items the patient masked are seen only by their
-   author and the patient.
+   author and the patient (not by a proxy).
+
+Searches, includes, chains, ``_has``, counts, history, ``$everything`` and
+``$export`` all go through ``search_scope``, so they show exactly what reads may.
+``tests/test_authorization_matrix.py`` holds the resulting table.
 """
 
 from __future__ import annotations

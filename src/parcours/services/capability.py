@@ -30,6 +30,10 @@ RESULT_PARAMS = [
 ]
 VALIDATE = {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
 EVERYTHING = {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}
+# Booking (docs/booking.md): free slots as Slots or proposed Appointments, and booking one.
+FIND = {"name": "find", "definition": "https://parcours.example/fhir/OperationDefinition/find"}
+BOOK = {"name": "book", "definition": "https://parcours.example/fhir/OperationDefinition/book"}
+OPERATIONS = {"Patient": [EVERYTHING, VALIDATE], "Slot": [FIND, VALIDATE], "Appointment": [FIND, BOOK, VALIDATE]}
 
 
 @cache
@@ -76,7 +80,7 @@ def _resources(reg: Registry) -> list[dict[str, Any]]:
             "searchInclude": ["*"] + sorted({f"{rtype}:{sp.code}" for sp in reg.params(rtype).values() if sp.type == "reference"}),
             "searchRevInclude": revs.get(rtype, []),
             "searchParam": params,
-            "operation": [EVERYTHING, VALIDATE] if rtype == "Patient" else [VALIDATE],
+            "operation": OPERATIONS.get(rtype, [VALIDATE]),
         }
         out.append(entry)
     return out

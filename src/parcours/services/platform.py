@@ -16,6 +16,7 @@ from parcours.fhir.registry import Registry, registry
 from parcours.security.caller import Caller
 from parcours.core.errors import ParcoursError
 from parcours.store import audit, db, migrate, secrets
+from parcours.store.blobs import BlobStore
 from parcours.store.repository import Repository, WriteRule
 
 TOKEN_KEY = "token-signing-key"
@@ -31,6 +32,8 @@ class Platform:
     registry: Registry
     # Domain rules run in the transaction of every write (booking: Appointment <-> Slot).
     rules: tuple[WriteRule, ...] = ()
+    # Encrypted content of the shared record's documents (keys and backend of this process).
+    blobs: BlobStore | None = None
 
     @classmethod
     async def start(cls, settings: Settings, *, clock: Clock | None = None, run_migrations: bool = True) -> "Platform":
@@ -39,7 +42,13 @@ class Platform:
             await asyncio.to_thread(migrate.upgrade, uri)
         key = settings.secret_key or await asyncio.to_thread(secrets.get_or_create, uri, TOKEN_KEY)
         pool = await db.open_pool(uri, settings.db_pool_size)
-        return cls(settings, uri, pool, key, clock or Clock(), registry(), rules=write_rules(settings))
+        async with pool.connection() as conn, conn.transaction():
+            blobs = await BlobStore.open(settings, conn)
+        rules = write_rules(settings)
+        for rule in rules:
+            if hasattr(rule, "blobs"):  # the shared record's rule reads documents' text from the blob store
+                rule.blobs = blobs
+        return cls(settings, uri, pool, key, clock or Clock(), registry(), rules=rules, blobs=blobs)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -83,5 +92,6 @@ def write_rules(settings: Settings) -> tuple[WriteRule, ...]:
     """The write rules the domain services register (imported here, at start-up, so that
     ``services.platform`` stays importable by every service)."""
     from parcours.services.booking.rules import BookingRule
+    from parcours.services.records.rule import RecordRule
 
-    return (BookingRule(reminder_hours=settings.booking_reminder_hours),)
+    return (BookingRule(reminder_hours=settings.booking_reminder_hours), RecordRule(settings))

@@ -189,15 +189,17 @@ class BatchBuilder:
         self._batch = Batch(last_updated)
         self._seen: set[tuple[str, str]] = set()
 
-    def add(self, rtype: str, rid: str, resource: dict, method: str) -> None:
+    def add(self, rtype: str, rid: str, resource: dict, method: str, extra_text: str | None = None) -> None:
         """Add version 1 of ``resource`` under ``rid``. ``method`` is POST (a new id
-        the server chose) or PUT (the client's id, which may exist already)."""
+        the server chose) or PUT (the client's id, which may exist already).
+        ``extra_text`` is indexed for ``_content`` too, as ``Repository.create`` does."""
         ordered, content = render_version(rtype, rid, resource, 1, self.last_updated)
         iv = index_resource(ordered, self.registry, self.base_url)
         # Encoded aside first: a value that cannot be encoded leaves the batch as it was.
         row, idx = bytearray(), bytearray()
+        text = f"{iv.content}\n{extra_text}" if extra_text else iv.content
         self._stage.encode(
-            (rtype, rid, 1, self.last_updated, method, content, iv.narrative[:MAX_FTS_CHARS], iv.content[:MAX_FTS_CHARS]),
+            (rtype, rid, 1, self.last_updated, method, content, iv.narrative[:MAX_FTS_CHARS], text[:MAX_FTS_CHARS]),
             row, iv.tokens, iv.refs, iv.compartments)
         for side in iv.rows:
             self._idx.encode((rid, *side), idx)

@@ -116,6 +116,10 @@ class WriteRule(Protocol):
     (booking keeps a Slot's status in step with its Appointments this way). Rules see
     every write of the Repository (REST, Bundles, domain services); the bulk writer does
     not run them, so ``parcours import`` writes these types through the Repository.
+
+    A rule may also define ``async indexed_text(repo, rtype, rid, resource) -> str | None``:
+    text indexed for ``_content`` with the resource when the write gave none (the shared
+    record returns the text extracted from a document's content).
     """
 
     types: frozenset[str]
@@ -450,12 +454,14 @@ class Repository:
             msg = f"resourceType must be {rtype!r}, got {resource.get('resourceType')!r}"
             raise BadRequest(msg, [_issue("invalid", msg, "resourceType")])
 
-    async def create(self, rtype: str, resource: dict, *, if_none_exist: str | None = None, rid: str | None = None) -> WriteResult:
+    async def create(self, rtype: str, resource: dict, *, if_none_exist: str | None = None, rid: str | None = None,
+                     extra_text: str | None = None) -> WriteResult:
         """Create a resource; ``rid`` is for Bundles, which assign ids before writing.
 
         An ``id`` in the body is ignored (R4 3.1.0.8): the server assigns the id. With
         ``if_none_exist`` (conditional create) one match is returned as it is and
-        several matches are a 412.
+        several matches are a 412. ``extra_text`` is indexed for ``_content`` with the
+        resource (the text of a document's content, which the JSON only points to).
         """
         self.authorize("create", rtype)
         if isinstance(resource, dict) and "id" in resource:
@@ -466,10 +472,11 @@ class Repository:
             if existing is not None:
                 return WriteResult(existing, created=False, changed=False)
         rid = rid or new_id()
-        stored = await self._write(rtype, rid, resource, version=1, method="POST", insert=True)
+        stored = await self._write(rtype, rid, resource, version=1, method="POST", insert=True, extra_text=extra_text)
         return WriteResult(stored, created=True)
 
-    async def update(self, rtype: str, rid: str, resource: dict, *, if_match: str | None = None) -> WriteResult:
+    async def update(self, rtype: str, rid: str, resource: dict, *, if_match: str | None = None,
+                     extra_text: str | None = None) -> WriteResult:
         """Update, or create with the client's id (update as create, also after a delete).
 
         The body id must equal the URL id (400 otherwise, R4 3.1.0.4); ``if_match``
@@ -494,11 +501,12 @@ class Repository:
             await self._lock_key(f"{rtype}/{rid}")
             row = await (await self.conn.execute(s["lock_version"], {"id": rid})).fetchone()
             if row is None:
-                stored = await self._write(rtype, rid, resource, version=1, method="PUT", insert=True)
+                stored = await self._write(rtype, rid, resource, version=1, method="PUT", insert=True, extra_text=extra_text)
                 return WriteResult(stored, created=True)
         current_version, deleted = row[0], row[1]
         _check_version(rtype, rid, expected, current_version, deleted)
-        stored = await self._write(rtype, rid, resource, version=current_version + 1, method="PUT", insert=False)
+        stored = await self._write(rtype, rid, resource, version=current_version + 1, method="PUT", insert=False,
+                                   extra_text=extra_text)
         # Writing over a deletion brings the resource back: that is a creation.
         return WriteResult(stored, created=bool(deleted))
 
@@ -628,7 +636,7 @@ class Repository:
         return BulkWriter(self)
 
     async def _write(self, rtype: str, rid: str, resource: dict, *, version: int, method: str, insert: bool,
-                     action: str | None = None) -> Stored:
+                     action: str | None = None, extra_text: str | None = None) -> Stored:
         now = self.clock.now()
         ordered, content = render_version(rtype, rid, resource, version, now)
         iv = index_resource(ordered, self.registry, self.base_url)
@@ -645,11 +653,14 @@ class Repository:
             await self._check_new_content(rtype, ordered, iv, author, creating=insert, previous=previous)
         if self.rules:
             await self._run_rules(rtype, rid, ordered, previous_known=insert)
+            if extra_text is None:
+                extra_text = await self._rules_text(rtype, rid, ordered)
         s = _stmts(rtype)
+        text = f"{iv.content}\n{extra_text}" if extra_text else iv.content
         params = {
             "id": rid, "vid": version, "lu": now, "deleted": False, "content": content,
             "tokens": iv.tokens, "refs": iv.refs, "comp": iv.compartments, "author": author,
-            "narr": iv.narrative[:MAX_FTS_CHARS], "text": iv.content[:MAX_FTS_CHARS],
+            "narr": iv.narrative[:MAX_FTS_CHARS], "text": text[:MAX_FTS_CHARS],
         }
         async with self.conn.pipeline():
             await self.conn.execute(s["insert"] if insert else s["update"], params)
@@ -661,6 +672,18 @@ class Repository:
             await self.conn.execute(s["log"], {"rtype": rtype, "id": rid, "vid": version, "lu": now, "method": method})
             await self._audit(action, rtype, rid, version, patients=iv.compartments)
         return Stored(rtype, rid, version, now, content)
+
+    async def _rules_text(self, rtype: str, rid: str, resource: dict) -> str | None:
+        """Text a write rule indexes with the resource (``indexed_text``, optional): so that
+        any write of a document (REST, Bundles, masking) keeps its content searchable."""
+        parts = []
+        for rule in self.rules:
+            fn = getattr(rule, "indexed_text", None)
+            if fn is not None and rtype in rule.types:
+                found = await fn(self, rtype, rid, resource)
+                if found:
+                    parts.append(found)
+        return "\n".join(parts) or None
 
     async def _run_rules(self, rtype: str, rid: str, resource: dict | None, *, previous_known: bool) -> None:
         """The write rules of ``rtype``; the current version is read only when one applies."""

@@ -22,6 +22,7 @@ from parcours.services import audit_trail
 from parcours.services.booking import notify as booking_notify
 from parcours.services.platform import Platform
 from parcours.web import access_pages, booking_api, booking_pages, directory_api, fhir, fhir_ws, oidc, pages, smart
+from parcours.web import record_api
 from parcours.web.fhir_render import error_response
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     oidc.install(app, settings)  # sign-in with external identity providers (Pro Santé Connect, FranceConnect)
     booking_api.install(app)  # /api/booking, FHIR $find and $book, private agenda feeds
     booking_pages.install(app)  # search with a map, booking, my appointments, the agenda
+    record_api.install(app)  # shared record: uploads, content downloads, timeline, results, HL7 v2 over HTTP
 
     @app.exception_handler(ParcoursError)
     async def parcours_error(request: Request, exc: ParcoursError) -> Response:

@@ -470,28 +470,6 @@ async def agenda_page(request: Request) -> Response:
                  feed_url=request.query_params.get("feed") if request.query_params.get("done") == "feed_created" else None)
 
 
-def parse_leaves(text: str) -> list[model.Leave]:
-    """One leave a line: ``2026-12-24 2026-12-27 Congés`` (whole days) or with times ``2026-12-24 08:00 2026-12-24 12:00``."""
-    out = []
-    for line in text.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            if len(parts) >= 4 and ":" in parts[1]:
-                start = datetime.fromisoformat(f"{parts[0]}T{parts[1]}").replace(tzinfo=model.PARIS)
-                end = datetime.fromisoformat(f"{parts[2]}T{parts[3]}").replace(tzinfo=model.PARIS)
-                reason = " ".join(parts[4:])
-            else:
-                start = datetime.combine(date.fromisoformat(parts[0]), time(0), model.PARIS)
-                end = datetime.combine(date.fromisoformat(parts[1] if len(parts) > 1 else parts[0]), time(0), model.PARIS) + timedelta(days=1)
-                reason = " ".join(parts[2:])
-        except ValueError:
-            raise BadRequest(f"Cannot read the leave {line!r}: write '2026-12-24 2026-12-27 reason'") from None
-        out.append(model.Leave(start, end, reason))
-    return out
-
-
 @page
 async def rules_submit(request: Request) -> Response:
     form = await require_csrf(request)
@@ -504,7 +482,7 @@ async def rules_submit(request: Request) -> Response:
                               int(form.get("notice_minutes") or 60))
     except ValueError:
         raise BadRequest("The deadlines are whole numbers") from None
-    av = model.Availability(rules, parse_leaves(str(form.get("leaves") or "")), policy)
+    av = model.Availability(rules, model.parse_leaves(str(form.get("leaves") or "")), policy)
     async with platform_of(request).transaction(caller) as repo:
         await service.define(repo, role_id, None, av)
     return redirect(f"/workspace/agenda?{urlencode({'role': role_id, 'done': 'rules_saved'})}")
@@ -554,4 +532,4 @@ def install(app: FastAPI) -> None:
     app.router.routes.extend(routes())
 
 
-__all__ = ["install", "parse_leaves", "routes"]
+__all__ = ["install", "routes"]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from parcours.services.booking import model, service
+from datetime import timedelta
+
+from parcours.services.booking import model
 from parcours.services.directory.search import DirectoryHit
 from parcours.store.repository import Repository
 
 PER_ROLE = 3
+# Windows tried in turn (days ahead): most roles of a page fill up with today's or this
+# week's slots in one query for the whole page; only the others are asked again, further ahead.
+WINDOWS = (1, 7, 62)
 
 
 class NextSlots:
@@ -16,11 +21,33 @@ class NextSlots:
         self.per_role = per_role
 
     async def __call__(self, repo: Repository, hits: list[DirectoryHit]) -> None:
+        if not hits:
+            return
         now = repo.clock.now()
-        for hit in hits:
-            slots = await service.find(repo, service.SlotQuery(start=now, roles=[hit.role.id], limit=self.per_role))
-            hit.next_slots = [{"id": s.id, "start": r["start"], "end": r["end"], "offer": model.slot_visit(r).offer,
-                               "mode": model.slot_visit(r).mode} for s in slots for r in (s.resource(),)]
+        found: dict[str, list[dict]] = {h.role.id: [] for h in hits}
+        pending = list(found)
+        for days in WINDOWS:
+            if not pending:
+                break
+            res = await repo.search(repo.parse_search("Slot", [
+                ("schedule.actor", ",".join(f"PractitionerRole/{r}" for r in pending)), ("status", "free"),
+                ("start", f"ge{model.iso(now)}"), ("start", f"lt{model.iso(now + timedelta(days=days))}"),
+                ("_sort", "start"), ("_count", str(min(1000, 40 * len(pending)))), ("_include", "Slot:schedule")]))
+            role_of = {s.id: model.actor_id(s.resource(), "PractitionerRole") for s in res.includes
+                       if s.resource_type == "Schedule"}
+            got: dict[str, list[dict]] = {r: [] for r in pending}
+            for s in res.matches:
+                slot = s.resource()
+                role = role_of.get(model.slot_schedule(slot) or "")
+                if role in got and len(got[role]) < self.per_role:
+                    visit = model.slot_visit(slot)
+                    got[role].append({"id": s.id, "start": slot["start"], "end": slot["end"], "offer": visit.offer,
+                                      "mode": visit.mode})
+            for role, slots in got.items():
+                found[role] = slots
+            pending = [r for r in pending if len(found[r]) < self.per_role]
+        for h in hits:
+            h.next_slots = found[h.role.id]
 
 
 __all__ = ["NextSlots"]

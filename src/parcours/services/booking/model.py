@@ -550,3 +550,25 @@ def parse_instant(value: str) -> datetime:
         except ValueError:
             raise BadRequest(f"Not a date or instant: {value!r}") from None
     return d if d.tzinfo else d.replace(tzinfo=PARIS)
+
+
+def parse_leaves(text: str) -> list[Leave]:
+    """One leave a line: ``2026-12-24 2026-12-27 Congés`` (whole days) or with times ``2026-12-24 08:00 2026-12-24 12:00``."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            if len(parts) >= 4 and ":" in parts[1]:
+                start = datetime.fromisoformat(f"{parts[0]}T{parts[1]}").replace(tzinfo=PARIS)
+                end = datetime.fromisoformat(f"{parts[2]}T{parts[3]}").replace(tzinfo=PARIS)
+                reason = " ".join(parts[4:])
+            else:
+                start = datetime.combine(date.fromisoformat(parts[0]), time(0), PARIS)
+                end = datetime.combine(date.fromisoformat(parts[1] if len(parts) > 1 else parts[0]), time(0), PARIS) + timedelta(days=1)
+                reason = " ".join(parts[2:])
+        except ValueError:
+            raise BadRequest(f"Cannot read the leave {line!r}: write '2026-12-24 2026-12-27 reason'") from None
+        out.append(Leave(start, end, reason))
+    return out

@@ -1,0 +1,1 @@
+"""Telehealth: teleconsultation rooms (video Appointment -> WebRTC mesh with signaling)."""
