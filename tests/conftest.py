@@ -36,6 +36,8 @@ FAST_SUBSCRIPTIONS = {"subscription_retry_seconds": 0.2, "subscription_max_attem
 # Booking notices are run by the tests themselves (notify.run_due at a chosen time), not by a
 # server's background loop that would send them first.
 FAST_SUBSCRIPTIONS["booking_jobs_worker"] = False  # type: ignore[assignment]
+# Likewise record notices (tests run notices.run_due themselves).
+FAST_SUBSCRIPTIONS["record_notices_worker"] = False  # type: ignore[assignment]
 
 
 def uniq(prefix: str = "t") -> str:

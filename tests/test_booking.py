@@ -16,7 +16,8 @@ from parcours.security.caller import SYSTEM, Caller
 from parcours.services.booking import generation, model, service, waitlist
 from parcours.services.booking import notify
 from parcours.store import booking as booking_store
-from tests.accounts_helpers import new_patient
+from tests.accounts_helpers import create_resource, new_patient
+from tests.conftest import uniq
 from tests.booking_helpers import FHIR_JSON, appointment_body, define, free_slots, monday_after, new_practice
 
 PATIENT_SCOPES = frozenset({"patient/*.*"})
@@ -244,7 +245,10 @@ async def test_a_freed_slot_is_offered_to_the_waiting_list(client, platform) -> 
                           policy=model.Policy(cancel_hours=1, horizon_days=10, notice_minutes=0), now=now)
     slots = await free_slots(client, sid)
     target = next(s for s in slots if model.slot_start(s) > now + timedelta(days=2))
-    early, waiting, late_comer, third = [await new_patient(client) for _ in range(4)]
+    early, late_comer, third = [await new_patient(client) for _ in range(3)]
+    address = f"{uniq('waiting')}@example.org"
+    waiting = await create_resource(client, {"resourceType": "Patient", "name": [{"family": "Attente", "given": ["Léon"]}],
+                                             "telecom": [{"system": "email", "value": address}]})
     async with platform.transaction(patient_caller(early)) as repo:
         taken = (await service.book(repo, target["id"])).stored
     # Two patients wait for an earlier slot (before day 5); one only before day 1: not offered.
@@ -268,8 +272,10 @@ async def test_a_freed_slot_is_offered_to_the_waiting_list(client, platform) -> 
     async with platform.pool.connection() as conn:
         jobs = await booking_store.jobs_of(conn, entry.id)
     expiry = next(j for j in jobs if j["kind"] == "offer-expiry")
-    await notify.run_due(platform, notify.Notifier.from_settings(platform.settings), now=expiry["due_at"] + timedelta(seconds=1),
-                         limit=10_000)
+    notifier = notify.Notifier(platform.settings, notify.LoggingEmail(), notify.LoggingSms())
+    await notify.run_due(platform, notifier, now=expiry["due_at"] + timedelta(seconds=1), limit=10_000)
+    [offer] = [m for m in notifier.email.sent if m["To"] == address]  # type: ignore[attr-defined]
+    assert "Un créneau plus tôt" in offer["Subject"] and "Durand" in offer.get_content()
     held = (await client.get(f"/fhir/Slot/{target['id']}")).json()
     assert held["status"] == "busy-tentative" and model.slot_hold(held)[0] == f"Patient/{late_comer}"
     async with platform.transaction(patient_caller(late_comer)) as repo:

@@ -138,7 +138,10 @@ def start_in_background(platform: Platform, interval_s: float = 5.0) -> Callable
     async def loop() -> None:
         while not stopping.is_set():
             try:
-                await materialize(platform)
+                # Small batches: building AuditEvents is CPU on this event loop (~130 µs each,
+                # one per patient of a search result); 2000 entries at once stalled the
+                # requests of this worker for seconds (bench/PROFILE.md).
+                await materialize(platform, batch=20)
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("audit trail upkeep failed")
             try:

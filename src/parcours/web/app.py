@@ -20,9 +20,12 @@ from parcours.events.runtime import Events
 from parcours.services import export
 from parcours.services import audit_trail
 from parcours.services.booking import notify as booking_notify
+from parcours.services.records import runtime as record_runtime
 from parcours.services.platform import Platform
 from parcours.web import access_pages, booking_api, booking_pages, directory_api, fhir, fhir_ws, oidc, pages, smart
 from parcours.web import record_api
+from parcours.web import telehealth_pages, telehealth_ws
+from parcours.services.telehealth.signaling import Signaling
 from parcours.web.fhir_render import error_response
 
 log = logging.getLogger(__name__)
@@ -37,14 +40,19 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
         app.state.platform = platform or await Platform.start(settings)
         stop_export_worker = export.start_in_background(app.state.platform)  # bulk $export jobs
         app.state.events = await Events.start(app.state.platform)  # change feed, Subscriptions
+        app.state.telehealth = await Signaling.start(app.state.platform.uri, app.state.platform.pool)  # room signaling
         stop_audit = audit_trail.start_in_background(app.state.platform)  # seals, AuditEvents
         stop_booking = booking_notify.start_in_background(  # reminders and other booking notices
             app.state.platform, booking_api.notifier_of(app, app.state.platform))
+        stop_record = await record_runtime.start(  # MLLP listener for lab results, notices of new documents
+            app.state.platform, booking_api.notifier_of(app, app.state.platform).email)
         try:
             yield
         finally:
+            await stop_record()
             await stop_booking()
             await stop_audit()
+            await app.state.telehealth.close()
             await app.state.events.close()
             await stop_export_worker()
             if own:
@@ -66,6 +74,8 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     booking_api.install(app)  # /api/booking, FHIR $find and $book, private agenda feeds
     booking_pages.install(app)  # search with a map, booking, my appointments, the agenda
     record_api.install(app)  # shared record: uploads, content downloads, timeline, results, HL7 v2 over HTTP
+    app.router.routes.append(telehealth_ws.route)  # signaling of the consultation rooms
+    telehealth_pages.install(app)  # teleconsultation: list, device check, room, report
 
     @app.exception_handler(ParcoursError)
     async def parcours_error(request: Request, exc: ParcoursError) -> Response:

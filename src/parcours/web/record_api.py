@@ -159,8 +159,72 @@ def _doc_action(kind: str) -> Any:
     return action
 
 
+async def hl7v2_http(request: Request) -> Response:
+    """One HL7 v2 message in the body (``application/hl7-v2`` or text); the ACK in the answer.
+    AA and AE come with 200 (the ACK says what happened), AR with 400."""
+    from parcours.services.records import labs
+
+    platform = platform_of(request)
+    caller = caller_of(request)
+    data = await read_body(request, 16 * 1024 * 1024)
+    who = caller.client_id or caller.user_id or caller.display or caller.kind
+    ack, _ = await labs.receive(platform, caller, data, source=f"http {who}")
+    status = 400 if "\rMSA|AR|" in ack or "\rMSA^AR" in ack else 200
+    return Response(ack, status, media_type="application/hl7-v2; charset=utf-8")
+
+
+async def _fields(request: Request) -> dict[str, str]:
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body = await request.json()
+        return {k: str(v) for k, v in body.items()} if isinstance(body, dict) else {}
+    if "authorization" not in request.headers:
+        form = await require_csrf(request)
+    else:
+        form = await request.form()
+    return {k: str(v) for k, v in form.items() if isinstance(v, str)}
+
+
+async def inbox_list(request: Request) -> Response:
+    from parcours.services.records import labs
+
+    platform = platform_of(request)
+    async with platform.transaction(caller_of(request)) as repo:
+        items = await labs.inbox(repo)
+    return JSONResponse({"items": [{
+        "id": i.id, "received_at": i.received_at.isoformat(), "source": i.source, "control_id": i.control_id, "sender": i.sender,
+        "patient_name": i.patient_name, "birth_date": i.birth_date, "sex": i.sex, "identifiers": i.identifiers, "reason": i.reason,
+        "summary": i.summary} for i in items]})
+
+
+async def inbox_assign(request: Request) -> Response:
+    from parcours.services.records import labs
+
+    platform = platform_of(request)
+    fields = await _fields(request)
+    patient = (fields.get("patient") or "").removeprefix("Patient/").strip()
+    if not patient:
+        raise BadRequest("Name the patient the results belong to (field 'patient')")
+    async with platform.transaction(caller_of(request)) as repo:
+        refs = await labs.assign(platform, repo, int(request.path_params["id"]), patient)
+    return JSONResponse({"status": "assigned", "patient": f"Patient/{patient}", "references": refs})
+
+
+async def inbox_reject(request: Request) -> Response:
+    from parcours.services.records import labs
+
+    platform = platform_of(request)
+    fields = await _fields(request)
+    async with platform.transaction(caller_of(request)) as repo:
+        await labs.reject(platform, repo, int(request.path_params["id"]), fields.get("reason") or "")
+    return JSONResponse({"status": "rejected"})
+
+
 def routes() -> list[Route]:
     return [
+        Route("/api/record/lab-inbox", inbox_list, methods=["GET"]),
+        Route("/api/record/lab-inbox/{id:int}/assign", inbox_assign, methods=["POST"]),
+        Route("/api/record/lab-inbox/{id:int}/reject", inbox_reject, methods=["POST"]),
+        Route("/api/hl7v2", hl7v2_http, methods=["POST"]),
         Route("/api/record/patients/{patient}/documents", upload_document, methods=["POST"]),
         Route("/api/record/patients/{patient}/documents", list_documents, methods=["GET"]),
         Route("/api/record/binary/{blob}", download, methods=["GET"]),

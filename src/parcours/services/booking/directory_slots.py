@@ -25,16 +25,17 @@ class NextSlots:
             return
         now = repo.clock.now()
         found: dict[str, list[dict]] = {h.role.id: [] for h in hits}
-        pending = list(found)
+        scheds = await repo.search(repo.parse_search("Schedule", [
+            ("actor", ",".join(f"PractitionerRole/{r}" for r in found)), ("active", "true"), ("_count", "500")]))
+        role_of = {s.id: model.actor_id(s.resource(), "PractitionerRole") for s in scheds.matches}
+        pending = sorted({r for r in role_of.values() if r in found})
         for days in WINDOWS:
             if not pending:
                 break
             res = await repo.search(repo.parse_search("Slot", [
-                ("schedule.actor", ",".join(f"PractitionerRole/{r}" for r in pending)), ("status", "free"),
+                ("schedule", ",".join(f"Schedule/{sid}" for sid, r in role_of.items() if r in pending)), ("status", "free"),
                 ("start", f"ge{model.iso(now)}"), ("start", f"lt{model.iso(now + timedelta(days=days))}"),
-                ("_sort", "start"), ("_count", str(min(1000, 40 * len(pending)))), ("_include", "Slot:schedule")]))
-            role_of = {s.id: model.actor_id(s.resource(), "PractitionerRole") for s in res.includes
-                       if s.resource_type == "Schedule"}
+                ("_sort", "start"), ("_count", str(min(1000, 40 * len(pending))))]))
             got: dict[str, list[dict]] = {r: [] for r in pending}
             for s in res.matches:
                 slot = s.resource()

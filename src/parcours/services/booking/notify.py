@@ -172,6 +172,10 @@ async def visit_of(repo: Repository, appointment_id: str) -> Visit | None:
         appt = (await repo.read("Appointment", appointment_id)).resource()
     except (NotFound, Gone):
         return None
+    return await visit_from(repo, appointment_id, appt)
+
+
+async def visit_from(repo: Repository, appointment_id: str, appt: dict) -> Visit | None:
     start, end = model.appointment_start(appt), model._dt(appt.get("end"))  # noqa: SLF001
     if start is None:
         return None
@@ -297,22 +301,28 @@ async def handle(repo: Repository, notifier: Notifier, job: store.Job, now: date
     if job.kind == OFFER_EXPIRY:
         await waitlist.expire_offer(repo, job.appointment_id or "", job.payload, now)
         return
-    visit = await visit_of(repo, job.appointment_id or "")
-    if visit is None or visit.patient is None:
-        return
     kind, until = job.kind, None
-    if kind in (CONFIRMATION, REMINDER) and visit.status != "booked":
-        return  # cancelled or moved since: its own notices follow
-    if kind == REMINDER and visit.start <= now:
-        return
     if kind == OFFER:
-        entry = (await repo.read("Appointment", visit.appointment_id)).resource()
+        # A place on a waiting list has no time of its own: the message is about the offered slot.
+        entry = (await repo.read("Appointment", job.appointment_id or "")).resource()
         offered = model.waitlist_offer(entry)
         if entry.get("status") != "waitlist" or offered is None or offered[1] <= now:
             return
         slot = (await repo.read("Slot", offered[0].split("/", 1)[1])).resource()
-        visit.start, visit.end, until = model.slot_start(slot), model.slot_end(slot), offered[1]
-        visit.mode = model.slot_visit(slot).mode
+        sched = (await repo.read("Schedule", model.slot_schedule(slot) or "")).resource()
+        location = model.actor_id(sched, "Location")
+        entry = {**entry, "start": slot["start"], "end": slot["end"], "serviceType": slot.get("serviceType"),
+                 "participant": [*entry.get("participant", []), *([{"actor": {"reference": f"Location/{location}"}}] if location else [])]}
+        visit = await visit_from(repo, job.appointment_id or "", entry)
+        until = offered[1]
+    else:
+        visit = await visit_of(repo, job.appointment_id or "")
+    if visit is None or visit.patient is None:
+        return
+    if kind in (CONFIRMATION, REMINDER) and visit.status != "booked":
+        return  # cancelled or moved since: its own notices follow
+    if kind == REMINDER and visit.start <= now:
+        return
     contact = await contact_of(repo, visit.patient)
     for to in contact.emails:
         await notifier.email.send(email_message(notifier.settings, kind, visit, formataddr(("", to)) if "<" in to else to,

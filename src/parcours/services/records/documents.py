@@ -63,6 +63,8 @@ class NewDocument:
     organization: str | None = None  # "Organization/id" the author acts for
     replaces: str | None = None  # id of the DocumentReference this one replaces
     language: str = "fr"
+    identifier: dict | None = None  # the sender's identifier of the document (lab messages)
+    masked: bool = False  # hidden from professionals from the start (CI-SIS MASQUE_PS)
 
 
 @dataclass
@@ -175,8 +177,15 @@ def build_resource(platform: Platform, repo: Repository, new: NewDocument, check
         context["practiceSetting"] = {"coding": [codes.coding(codes.PRACTICE_SETTING_SYSTEM, setting, label)]}
     if context:
         res["context"] = context
-    if conf in ("R", "V"):
-        res["meta"] = {"security": [codes.coding(CONF_SYSTEM, conf)]}
+    security = [codes.coding(CONF_SYSTEM, conf)] if conf in ("R", "V") else []
+    if new.masked:
+        from parcours.store.repository import MASKED
+
+        security.append(codes.coding(MASKED[0], MASKED[1], "masked"))
+    if security:
+        res["meta"] = {"security": security}
+    if new.identifier:
+        res["identifier"] = [new.identifier]
     return res
 
 
@@ -194,7 +203,7 @@ async def check(platform: Platform, scanner: Scanner, data: bytes, filename: str
 
 
 async def add(platform: Platform, repo: Repository, new: NewDocument, *, scanner: Scanner,
-              checked: uploads.Inspected | None = None) -> Added:
+              checked: uploads.Inspected | None = None, notify: bool = True) -> Added:
     """Add a document to a patient's record (see the module's rules)."""
     repo.authorize("create", "DocumentReference")
     await repo.read("Patient", new.patient_id)  # the caller reaches this record at all (care relationship, own record)
@@ -230,7 +239,7 @@ async def add(platform: Platform, repo: Repository, new: NewDocument, *, scanner
     result = await repo.create("DocumentReference", resource, rid=rid, extra_text=checked.text or None)
     if previous is not None:
         await repo.update("DocumentReference", new.replaces, {**previous, "status": "superseded"})  # type: ignore[arg-type]
-    if repo.caller.kind not in ("patient", "proxy"):
+    if notify and repo.caller.kind not in ("patient", "proxy"):
         await record_store.notice_add(repo.conn, patient, "document", f"DocumentReference/{rid}", now)
     return Added(result.stored, superseded=new.replaces, text_chars=len(checked.text))
 

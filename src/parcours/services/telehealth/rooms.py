@@ -37,7 +37,7 @@ def _actors(appointment: dict) -> list[str]:
 
 
 async def access_room(repo: Repository, appointment_id: str) -> Room:
-    appointment = (await repo.read("Appointment", appointment_id)).resource  # policy + audit
+    appointment = (await repo.read("Appointment", appointment_id)).resource()  # policy + audit
     if appointment.get("status") in ("cancelled", "entered-in-error", "noshow"):
         raise Forbidden("This appointment was cancelled: its consultation room is closed")
     actors = _actors(appointment)
