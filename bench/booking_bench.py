@@ -105,7 +105,8 @@ async def measure(platform, args, log) -> dict:  # type: ignore[no-untyped-def]
 
     rng = random.Random(7)
     geo = communes()
-    towns = [c for r in geo.regions if len(r) == 2 and r not in ("94",) and int(r) >= 11 for c in geo.in_region(r) if c.population >= 10_000]
+    towns = [c for r in geo.regions if len(r) == 2 and r not in ("94",) and int(r) >= 11 for c in geo.in_region(r)
+             if c.population >= 10_000 and -90 <= c.lat <= 90 and -180 <= c.lon <= 180]  # a few communes have no position
     out: dict = {}
 
     async def one_search(with_slots: bool) -> float:

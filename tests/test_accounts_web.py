@@ -268,7 +268,7 @@ def test_catalogs_are_complete() -> None:
     templates = pathlib.Path(i18n.__file__).parent / "templates"
     used = set()
     for f in templates.glob("*.html"):
-        used |= {k for k in re.findall(r'\bt\("([a-z_.]+)"', f.read_text()) if not k.endswith(".")}
+        used |= {k for k in re.findall(r'\bt\("([a-z_.]+)"', f.read_text()) if not k.endswith((".", "_"))}
     # Keys the templates build from values.
     from parcours.fhir.fr_core import STATUS_CODES
     from parcours.security.roles import ROLES
@@ -278,6 +278,7 @@ def test_catalogs_are_complete() -> None:
     used |= {f"role.{r}" for r in ROLES} | {f"space.{s}" for s in navigation.NAV} | {f"nav.label.{s}" for s in navigation.NAV}
     used |= {f"identity.{kind}.{s}" for s in STATUS_CODES for kind in ("status", "explain")}
     used |= {f"error.status.{s}" for s in ("400", "403", "404", "409", "422", "429", "other")}
+    used |= {f"record.tl.by_{z}" for z in ("year", "month", "day")}
     used |= {k for items in navigation.NAV.values() for i in items for k in (i.label, i.description)}
     assert used <= set(catalogs["fr"]), used - set(catalogs["fr"])
     assert i18n.negotiate(account_locale=None, cookie=None, accept_language="de-DE,en;q=0.5") == "en"

@@ -144,7 +144,7 @@ async def test_double_booking_through_fhir_is_a_409_and_cancelling_frees_the_slo
 async def test_patients_cancel_and_move_within_the_practitioners_deadline(client, platform) -> None:
     pr = await new_practice(client)
     now = platform.clock.now()
-    sid, _ = await define(platform, pr["role"], ["mon-sun 00:00-23:00 consultation 60"],
+    sid, _ = await define(platform, pr["role"], ["mon-sun 00:00-23:59 consultation 30"],
                           policy=model.Policy(cancel_hours=24, horizon_days=4, notice_minutes=60), now=now)
     slots = await free_slots(client, sid)
     soon = next(s for s in slots if timedelta(hours=3) < model.slot_start(s) - now < timedelta(hours=20))
@@ -273,9 +273,10 @@ async def test_a_freed_slot_is_offered_to_the_waiting_list(client, platform) -> 
         jobs = await booking_store.jobs_of(conn, entry.id)
     expiry = next(j for j in jobs if j["kind"] == "offer-expiry")
     notifier = notify.Notifier(platform.settings, notify.LoggingEmail(), notify.LoggingSms())
-    await notify.run_due(platform, notifier, now=expiry["due_at"] + timedelta(seconds=1), limit=10_000)
+    await notify.run_due(platform, notifier, now=platform.clock.now(), limit=10_000)  # the offer is told at once
     [offer] = [m for m in notifier.email.sent if m["To"] == address]  # type: ignore[attr-defined]
     assert "Un créneau plus tôt" in offer["Subject"] and "Durand" in offer.get_content()
+    await notify.run_due(platform, notifier, now=expiry["due_at"] + timedelta(seconds=1), limit=10_000)
     held = (await client.get(f"/fhir/Slot/{target['id']}")).json()
     assert held["status"] == "busy-tentative" and model.slot_hold(held)[0] == f"Patient/{late_comer}"
     async with platform.transaction(patient_caller(late_comer)) as repo:

@@ -110,6 +110,10 @@ async def test_a_proxy_books_and_cancels_and_a_patient_joins_a_waiting_list(app,
         assert r.headers["location"] == "/portal/appointments?done=waitlisted"
         mine = await c.get(r.headers["location"])
         assert "En attente d'un créneau".replace("'", "&#39;") in mine.text and "Durand" in mine.text
+        # The search page may load the map's tiles from the tile server, and nothing else may.
+        search = await c.get("/booking/search", params={"place": "80021", "radius": "1"})
+        assert "img-src 'self' data: https://tile.openstreetmap.org;" in search.headers["content-security-policy"]
+        assert "tile.openstreetmap.org" not in mine.headers["content-security-policy"]
         # The calendar link.
         r = await c.post("/booking/feed", data={"csrf_token": await csrf(c, "/portal/appointments")})
         feed = httpx.URL(r.headers["location"]).params["feed"]

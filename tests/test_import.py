@@ -329,3 +329,24 @@ async def test_types_with_write_rules_go_through_the_repository(client, pg_uri: 
     assert collection["status"] == "imported" and collection["counts"]["Condition"] == 1
     (condition,) = await _resources(client, "Condition", u)
     assert condition["id"] in seen and len(seen) == 2
+    # In a transaction, an entry the rule refuses fails the whole Bundle.
+    v = uniq("imp")
+
+    def bundle(text: str) -> dict:
+        tag = {"tag": [{"system": TAG, "code": v}]}
+        return {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:5d1f2c3b-0000-4000-8000-000000000001", "request": {"method": "POST", "url": "Patient"},
+             "resource": {"resourceType": "Patient", "meta": tag, "name": [{"family": text}]}},
+            {"request": {"method": "POST", "url": "Condition"},
+             "resource": {"resourceType": "Condition", "meta": tag, "code": {"text": text},
+                          "subject": {"reference": "urn:uuid:5d1f2c3b-0000-4000-8000-000000000001"}}}]}
+
+    (tmp_path / "refused.json").write_bytes(orjson.dumps(bundle("Asthme")))
+    (tmp_path / "kept.json").write_bytes(orjson.dumps(bundle("Eczema")))
+    code, report, output = await _import(pg_uri, tmp_path, tmp_path / "kept.json", tmp_path / "refused.json")
+    kept, refused = report["files"]
+    assert (kept["status"], kept["counts"]) == ("imported", {"Condition": 1, "Patient": 1})
+    assert refused["status"] == "failed" and [e["index"] for e in refused["errors"]] == [1]
+    (patient,) = await _resources(client, "Patient", v)
+    (condition,) = await _resources(client, "Condition", v)
+    assert patient["name"][0]["family"] == "Eczema" and condition["subject"]["reference"] == f"Patient/{patient['id']}"

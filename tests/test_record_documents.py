@@ -292,3 +292,23 @@ def test_migration_and_modules_agree() -> None:
         assert f'"{table.name}"' in src
         for col in table.columns:
             assert f'"{col.name}"' in src, (table.name, col.name)
+
+
+def test_cli_rotates_keys_and_receives_hl7_files(pg_uri: str, settings, monkeypatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from parcours.cli.main import app as cli
+
+    monkeypatch.setenv("DATABASE_URL", pg_uri)
+    monkeypatch.setenv("PARCOURS_HOME", str(settings.home))
+    monkeypatch.setenv("PARCOURS_BASE_URL", settings.base_url)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["keys", "rotate", "--batch", "100"])
+    assert r.exit_code == 0, r.output
+    assert "New current key" in r.output and "blobs re-encrypted" in r.output
+    r = runner.invoke(cli, ["keys", "status"])
+    assert r.exit_code == 0 and "Current key" in r.output
+    bad = tmp_path / "bad.hl7"
+    bad.write_bytes(b"not hl7")
+    r = runner.invoke(cli, ["record", "hl7", str(bad)])
+    assert r.exit_code == 0 and "AR" in r.output

@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from parcours.security import totp as totp_codes
 from tests.accounts_helpers import PASSWORD, create_resource, new_account, new_patient, new_practitioner, totp_now
-from tests.test_pages_browser import AXE, CHROMIUM, axe_violations
+from tests.test_pages_browser import CHROMIUM, axe_violations
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--use-fake-device-for-media-stream",
         "--use-fake-ui-for-media-stream", "--disable-features=WebRtcHideLocalIpsWithMdns",
@@ -134,7 +134,8 @@ async def test_two_then_three_participants_meet_then_the_encounter_is_recorded(c
 
         await host.get_by_label("Compte rendu").fill("Examen rassurant, contrôle dans un mois.")
         await host.get_by_role("button", name="Enregistrer dans le dossier partagé").click()
-        await host.get_by_text("Le compte rendu a été ajouté").wait_for()
+        await host.wait_for_load_state()
+        assert "Le compte rendu a été ajouté" in await host.locator("main").inner_text(), await host.locator("main").inner_text()
         r = await client.get("/fhir/DocumentReference", params={"encounter": f"Encounter/{encounter}"})
         docs = [e["resource"] for e in r.json().get("entry", [])]
         assert len(docs) == 1

@@ -22,6 +22,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (production: one per core)")] = 1,
     log_level: Annotated[str, typer.Option(help="Log level")] = "warning",
+    mllp_port: Annotated[int | None, typer.Option(help="Also receive HL7 v2 lab results over MLLP on this port")] = None,
 ) -> None:
     """Serve the platform (FHIR API at /fhir)."""
     import uvicorn
@@ -31,6 +32,9 @@ def serve(
     settings = Settings()
     if "PARCOURS_BASE_URL" not in os.environ:
         os.environ["PARCOURS_BASE_URL"] = f"http://{host}:{port}"
+    if mllp_port is not None:  # every worker listens (SO_REUSEPORT); read by the app's settings
+        os.environ["PARCOURS_MLLP_PORT"] = str(mllp_port)
+        os.environ.setdefault("PARCOURS_MLLP_HOST", host)
     uri = db.libpq_url(settings)  # starts the embedded server once, for all workers
     migrate.upgrade(uri)
     console.print(f"[bold green]Parcours[/] on http://{host}:{port}  (FHIR base http://{host}:{port}/fhir, database {db.describe(uri)})")
@@ -102,6 +106,11 @@ from parcours.cli import directory_cmd  # noqa: E402
 
 app.add_typer(directory_cmd.app, name="directory")
 app.add_typer(directory_cmd.demo_app, name="demo-data")
+
+from parcours.cli import record_cmd  # noqa: E402
+
+app.add_typer(record_cmd.keys_app, name="keys")
+app.add_typer(record_cmd.record_app, name="record")
 
 from parcours.cli import demo_cmd  # noqa: E402
 

@@ -133,6 +133,18 @@ class Settings(BaseSettings):
     # New documents and results: the patient is told by e-mail (no clinical detail) by each
     # server process's notice runner unless this is off.
     record_notices_worker: bool = True
+    # Secure messaging (docs/messaging.md): attachments are kept in the message itself (base64 in
+    # the Communication, so under max_resource_bytes); each server process runs the e-mail notices
+    # (no clinical content, at most one per person per interval, after a delay that lets someone
+    # online read first) and, when retention_days > 0, deletes conversations idle for that long.
+    messaging_max_attachment_bytes: int = 5 * 1024 * 1024
+    messaging_max_text_chars: int = 20_000
+    messaging_retention_days: int = 0  # 0: kept
+    messaging_email_delay_minutes: float = 5.0
+    messaging_email_interval_minutes: float = 60.0
+    messaging_jobs_worker: bool = True
+    messaging_jobs_poll_seconds: float = 30.0
+    messaging_presence_seconds: float = 30.0  # a live socket refreshes its presence this often
 
     @property
     def fhir_base(self) -> str:

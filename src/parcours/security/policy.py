@@ -14,7 +14,8 @@ returned search scope to every query; nothing else decides. Three layers:
    wrote), and sees a patient's appointments only so, or as their participant;
    professionals change their own directory entry only; restricted items
    (confidentiality R/V) and items the patient masked are seen only by their
-   author and the patient (not by a proxy).
+   author and the patient (not by a proxy); messages (Communications naming a sender
+   or recipients) are seen by their participants only, not by the whole care team.
 
 Searches, includes, chains, ``_has``, counts, history, ``$everything`` and
 ``$export`` all go through ``search_scope``, so they show exactly what reads may.
@@ -55,6 +56,13 @@ MASKABLE = frozenset({"DocumentReference"})
 # Scheduling data of a patient: a professional sees it through a care relationship, or
 # when named as a participant (their own agenda), not for every patient.
 PARTICIPATION = {"Appointment": ("actor",), "AppointmentResponse": ("actor",)}
+# Messages: a Communication that names its sender or recipients is for them (and for whoever
+# acts for them: a proxy for their patient), not for everyone who reaches the patient's record;
+# one that names neither stays an item of the record like any other. The sender's parameter
+# comes first: a new message counts as the caller's only when it names them as its sender.
+# What a professional may write to a patient beyond this is the messaging rule's business
+# (``services.messaging.rule``: a care relationship, or a conversation the patient opened).
+ADDRESSED = {"Communication": ("sender", "recipient")}
 
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 PARCOURS_SECURITY = "https://parcours.example/fhir/CodeSystem/security-label"
@@ -91,6 +99,8 @@ class Scope:
     authored_anywhere: bool = False  # a professional's own writings, whichever the patient
     blocked: frozenset[str] = frozenset()  # compartments where even authorship gives nothing
     participant_params: tuple[str, ...] = ()  # rows naming the caller in these parameters are in scope too
+    addressed_params: tuple[str, ...] = ()  # rows with a value in one of these are for their participants only
+    acting_for: frozenset[str] = frozenset()  # references that count as the caller's for participation (a proxy's patients)
 
 
 ALL = Scope(everything=True)
@@ -189,7 +199,10 @@ def _role_scope(caller: Caller, rtype: str, ctx: CareContext) -> Scope:
             return NOTHING
         # Restricted items are for the patient and their author: not for a proxy (a minor's
         # confidential care stays hidden from their parents).
-        return Scope(patients=ctx.patients, hide_restricted_except=own, restricted_visible_to_patients=caller.kind == "patient")
+        addressed = ADDRESSED.get(rtype, ())
+        return Scope(patients=ctx.patients, hide_restricted_except=own, restricted_visible_to_patients=caller.kind == "patient",
+                     participant_params=addressed, addressed_params=addressed,
+                     acting_for=ctx.patients if caller.kind == "proxy" else frozenset())
     if caller.kind == "admin":
         if rtype in ACCOUNTS or rtype in PLATFORM_ONLY:
             return ALL
@@ -203,16 +216,19 @@ def _role_scope(caller: Caller, rtype: str, ctx: CareContext) -> Scope:
         if not reachable and not own:
             return NOTHING
         return Scope(patients=frozenset(reachable), hide_restricted_except=own, restricted_visible_to_patients=False,
-                     authored_anywhere=True, blocked=ctx.blocked_by, participant_params=PARTICIPATION.get(rtype, ()))
+                     authored_anywhere=True, blocked=ctx.blocked_by,
+                     participant_params=PARTICIPATION.get(rtype, ()) + ADDRESSED.get(rtype, ()),
+                     addressed_params=ADDRESSED.get(rtype, ()))
     return NOTHING
 
 
 def may_access(caller: Caller, rtype: str, compartments: list[str] | tuple[str, ...], labels: list[tuple[str, str]],
                author: str | None, ctx: CareContext, *, action: str = "read", target: str | None = None,
-               participates: bool = False) -> Decision:
+               participates: bool = False, addressed: bool = False) -> Decision:
     """Instance-level decision for one stored resource (reads, updates, deletes; ``create``
     for where new content lands). ``target`` is the resource's own reference;
-    ``participates``: the caller is named in its ``Scope.participant_params``."""
+    ``participates``: the caller is named in its ``Scope.participant_params``;
+    ``addressed``: it has a value in ``Scope.addressed_params`` (a message)."""
     scope = search_scope(caller, rtype, ctx)
     letter = ACTION_LETTER.get(action, "r")
     mine = author is not None and author in ctx.identities
@@ -227,6 +243,8 @@ def may_access(caller: Caller, rtype: str, compartments: list[str] | tuple[str, 
         return Decision(False, "The patient has blocked your access to their record")
     if (mine or participates) and not scope.everything:
         return Decision(True, "author" if mine else "participant")
+    if addressed and not scope.everything:
+        return Decision(False, f"This {rtype} is for its sender and recipients only")
     if scope.nothing:
         return Decision(False, f"No care relationship gives access to this {rtype}")
     if scope.everything:

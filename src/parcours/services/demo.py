@@ -79,7 +79,8 @@ async def load(platform: Platform, *, region: str = region_demo.DEFAULT_REGION, 
         accounts.NewAccount(f"patient@{DOMAIN}", PASSWORD, "patient", f"Patient/{patient['id']}", identity_status="validated"),
         accounts.NewAccount(f"aidant@{DOMAIN}", PASSWORD, "proxy", f"RelatedPerson/{proxy_id}"),
         accounts.NewAccount(f"medecin@{DOMAIN}", PASSWORD, "practitioner", f"Practitioner/{gp['id']}", totp_secret=DEMO_TOTP_SECRET),
-        accounts.NewAccount(f"secretariat@{DOMAIN}", PASSWORD, "staff", None, totp_secret=DEMO_TOTP_SECRET, display_name="Secrétariat médical"),
+        accounts.NewAccount(f"secretariat@{DOMAIN}", PASSWORD, "staff", f"PractitionerRole/{gp_role.key}",  # the GP's agenda
+                            totp_secret=DEMO_TOTP_SECRET, display_name="Secrétariat médical"),
         accounts.NewAccount(f"admin@{DOMAIN}", PASSWORD, "admin", None, totp_secret=DEMO_TOTP_SECRET, display_name="Administration régionale"),
     ]
     async with platform.pool.connection() as conn:
@@ -97,6 +98,6 @@ def logins() -> list[Login]:
         Login("patient", f"patient@{DOMAIN}", "patiente suivie pour un diabète", False),
         Login("proxy", f"aidant@{DOMAIN}", "aidante (fille) d'une autre patiente", False),
         Login("practitioner", f"medecin@{DOMAIN}", "médecin généraliste de la patiente", True),
-        Login("staff", f"secretariat@{DOMAIN}", "secrétariat médical", True),
+        Login("staff", f"secretariat@{DOMAIN}", "secrétariat médical (agenda du médecin)", True),
         Login("admin", f"admin@{DOMAIN}", "administration régionale", True),
     ]

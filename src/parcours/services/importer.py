@@ -200,6 +200,7 @@ class _Unit:
     transaction: list[dict] | None = None  # a transaction Bundle's entries for services.bundles
     batch_entries: list[tuple[int, dict]] = field(default_factory=list)  # batch entries for services.bundles
     ruled: list[tuple[int | None, str, str, str, dict]] = field(default_factory=list)  # (index, type, id, method, resource)
+    atomic: bool = False  # a transaction: one refused entry fails it whole
     position: int = 0  # NDJSON: lines done once this unit is written
     last: bool = True  # the file's last unit
 
@@ -248,10 +249,11 @@ def _conditional(ref: str) -> bool:
     return "?" in ref and not ref.startswith(("http:", "https:", "urn:", "#"))
 
 
-def _bulk_eligible(e: Any, ruled: frozenset[str], conditional_refs: bool = True) -> bool:
-    """A plain create or update of a type without write rules: the bulk path writes it
-    as the API would. ``conditional_refs``: whether the file may hold any."""
-    if not isinstance(e.resource, dict) or e.rtype in ruled or (conditional_refs and _has_conditional_reference(e.resource)):
+def _bulk_eligible(e: Any, conditional_refs: bool = True) -> bool:
+    """A plain create or update: the import writes it as the API would (in bulk, or
+    through the Repository for types with write rules). ``conditional_refs``: whether
+    the file may hold conditional references at all."""
+    if not isinstance(e.resource, dict) or (conditional_refs and _has_conditional_reference(e.resource)):
         return False
     if e.method == "POST":
         return len(e.path) == 1 and not e.query and not e.request.get("ifNoneExist")
@@ -341,7 +343,7 @@ class _Preparer:
             self.errors.extend(_entry_errors(err))
             return
         conditional = any(_conditional(r) for r in refs)
-        if not all(_bulk_eligible(e, self.ctx.ruled, conditional) for e in parsed):
+        if not all(_bulk_eligible(e, conditional) for e in parsed):
             unit.transaction = entries
             return
         id_map: dict[str, str] = {}
@@ -371,6 +373,7 @@ class _Preparer:
             unit.failed = True
             self.builder.batches()
             self.ruled = []
+        unit.atomic = True
 
     def batch(self, unit: _Unit, entries: list[Any], refs: set[str]) -> None:
         conditional = any(_conditional(r) for r in refs)
@@ -387,7 +390,7 @@ class _Preparer:
             except ParcoursError as err:
                 self.errors.extend(_entry_errors(err, i))
                 continue
-            if not _bulk_eligible(parsed, self.ctx.ruled, conditional):
+            if not _bulk_eligible(parsed, conditional):
                 unit.batch_entries.append((i, e))
                 continue
             resource = parsed.resource
@@ -506,6 +509,14 @@ class _File:
     resources: int = 0
     errors: int = 0
     dropped: bool = False  # a chunk failed: the rest of the file waits for a rerun
+
+
+class _Refused(Exception):
+    """An entry of a transaction Bundle refused by the Repository: the Bundle fails whole."""
+
+    def __init__(self, errors: list[EntryError]) -> None:
+        super().__init__(errors[0].message if errors else "refused")
+        self.errors = errors
 
 
 @dataclass
@@ -681,12 +692,12 @@ class Importer:
         """One transaction for the group; if it fails, each unit alone, to find the culprit."""
         try:
             outcomes = await self._transaction(conn, files, group)
-        except (psycopg.Error, ParcoursError) as err:
+        except (psycopg.Error, ParcoursError, _Refused) as err:
             if len(group) > 1:
                 for unit in group:
                     await self._write(conn, files, [unit])
                 return
-            outcomes = [_Outcome(errors=_db_errors(err), failed=True)]
+            outcomes = [_Outcome(errors=err.errors if isinstance(err, _Refused) else _db_errors(err), failed=True)]
         for unit, out in zip(group, outcomes):
             f = files[unit.file]
             r = f.report
@@ -711,15 +722,19 @@ class Importer:
             repo = self.platform.repository(conn, self.caller)
             writer = repo.bulk_writer()
             journal = ImportJournal(conn)
-            running: dict[int, tuple[int, int]] = {}  # file -> journal totals, this transaction included
             for unit in group:
                 f = files[unit.file]
-                if f.dropped or f.report.status == "failed":
-                    outcomes.append(None)
-                    continue
-                out = await self._apply(repo, writer, unit)
-                outcomes.append(out)
-                if out.failed:
+                outcomes.append(None if f.dropped or f.report.status == "failed" else await self._apply(repo, writer, unit))
+            await writer.flush()
+            # Types with write rules, one by one through the Repository, once everything the
+            # group wrote in bulk is there for the rules to see.
+            for unit, out in zip(group, outcomes):
+                if out is not None and not out.failed:
+                    await self._apply_ruled(repo, unit, out)
+            running: dict[int, tuple[int, int]] = {}  # file -> journal totals, this transaction included
+            for unit, out in zip(group, outcomes):
+                f = files[unit.file]
+                if out is None or out.failed:
                     continue
                 resources, errors = running.get(unit.file, (f.resources, f.errors))
                 resources, errors = resources + sum(out.counts.values()), errors + len(out.errors)
@@ -730,7 +745,6 @@ class Importer:
                     f.report.sha256, path=str(f.path), size=f.report.size,
                     status=ImportJournal.COMPLETE if unit.last else ImportJournal.RUNNING,
                     position=unit.position, resources=resources, errors=errors, now=self.platform.clock.now())
-            await writer.flush()
         return outcomes
 
     async def _apply(self, repo: Repository, writer: BulkWriter, unit: _Unit) -> _Outcome:
@@ -768,8 +782,9 @@ class Importer:
             await writer.add(b)
             for t, n in b.counts().items():
                 out.counts[t] = out.counts.get(t, 0) + n
-        if unit.ruled:
-            await writer.flush()  # the rules may look at what the file wrote before
+        return out
+
+    async def _apply_ruled(self, repo: Repository, unit: _Unit, out: _Outcome) -> None:
         for index, rtype, rid, method, resource in unit.ruled:
             try:
                 async with repo.conn.transaction():
@@ -778,10 +793,11 @@ class Importer:
                     else:
                         await repo.create(rtype, resource, rid=rid)
             except ParcoursError as err:
+                if unit.atomic:  # the group rolls back; alone, this Bundle fails whole
+                    raise _Refused(_entry_errors(err, index)) from None
                 out.errors.extend(_entry_errors(err, index))
                 continue
             out.counts[rtype] = out.counts.get(rtype, 0) + 1
-        return out
 
     def _tick(self) -> None:
         if self.progress is not None:

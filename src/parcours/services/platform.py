@@ -92,6 +92,7 @@ def write_rules(settings: Settings) -> tuple[WriteRule, ...]:
     """The write rules the domain services register (imported here, at start-up, so that
     ``services.platform`` stays importable by every service)."""
     from parcours.services.booking.rules import BookingRule
+    from parcours.services.messaging.rule import MessagingRule
     from parcours.services.records.rule import RecordRule
 
-    return (BookingRule(reminder_hours=settings.booking_reminder_hours), RecordRule(settings))
+    return (BookingRule(reminder_hours=settings.booking_reminder_hours), RecordRule(settings), MessagingRule(settings))

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 from sqlalchemy import BigInteger, Column, DateTime, Identity, Integer, MetaData, Table, Text, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
@@ -119,9 +120,10 @@ async def inbox_lock(conn: AsyncConnection, item_id: int) -> InboxItem:
 async def inbox_close(conn: AsyncConnection, item_id: int, *, status: str, patient: str | None, by: str, at: datetime,
                       outcome: dict[str, Any]) -> None:
     stmt = update(lab_inbox).where(lab_inbox.c.id == item_id).values(
-        status=status, assigned_patient=patient, assigned_by=by, assigned_at=at, outcome=orjson.loads(orjson.dumps(outcome)))
+        status=status, assigned_patient=patient, assigned_by=by, assigned_at=at)
     sql, params = compile_stmt(stmt)
     await conn.execute(sql, params)
+    await conn.execute(f"UPDATE {lab_inbox.name} SET outcome = %s WHERE id = %s", (Jsonb(orjson.loads(orjson.dumps(outcome))), item_id))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from parcours.core.errors import (
     Unprocessable,
 )
 from parcours.core.ids import is_valid_id, new_id
-from parcours.fhir.indexing import SEP, IndexValues, index_resource
+from parcours.fhir.indexing import PRESENT, SEP, IndexValues, index_resource
 from parcours.fhir.registry import Registry, registry
 from parcours.fhir.search import Filter, Include, SearchParser, SearchRequest
 from parcours.fhir.validation import validate_resource
@@ -260,8 +260,11 @@ class Repository:
         if sc.nothing:
             return false()
         cond = m.c.compartments.overlap(literal(sorted(sc.patients), ARRAY(Text)))
-        if sc.participant_params and ctx.identities:
-            keys = sorted(f"{p}{SEP}{i}" for p in sc.participant_params for i in ctx.identities)
+        if sc.addressed_params:  # a message is not seen through the patient's record, only by its participants
+            cond = and_(cond, not_(m.c.tokens.overlap(literal([PRESENT + p for p in sc.addressed_params], ARRAY(Text)))))
+        idents = ctx.identities | sc.acting_for
+        if sc.participant_params and idents:
+            keys = sorted(f"{p}{SEP}{i}" for p in sc.participant_params for i in idents)
             cond = or_(cond, m.c.refs.overlap(literal(keys, ARRAY(Text))))
         if not sc.restricted_visible_to_patients:
             visible = not_(m.c.tokens.overlap(literal(RESTRICTED_TOKENS, ARRAY(Text))))
@@ -300,15 +303,20 @@ class Repository:
             return compartments
         labels = list(RESTRICTED_LABELS[:1]) if restricted else []
         ctx = await self.care()
-        participates = False
-        params = search_scope(self.caller, rtype, ctx).participant_params
-        if params and ctx.identities:
+        participates = addressed = False
+        sc = search_scope(self.caller, rtype, ctx)
+        idents = ctx.identities | sc.acting_for
+        if (sc.participant_params and idents) or sc.addressed_params:
             m = tables(rtype).main
-            keys = sorted(f"{p}{SEP}{i}" for p in params for i in ctx.identities)
-            sql, args = compile_stmt(select(m.c.id).where(m.c.id == rid, m.c.refs.overlap(literal(keys, ARRAY(Text)))))
-            participates = await (await self.conn.execute(sql, args)).fetchone() is not None
+            keys = sorted(f"{p}{SEP}{i}" for p in sc.participant_params for i in idents)
+            present = [PRESENT + p for p in sc.addressed_params]
+            sql, args = compile_stmt(select(m.c.refs.overlap(literal(keys, ARRAY(Text))),
+                                            m.c.tokens.overlap(literal(present, ARRAY(Text)))).where(m.c.id == rid))
+            row = await (await self.conn.execute(sql, args)).fetchone()
+            if row is not None:
+                participates, addressed = bool(row[0]), bool(row[1])
         d = may_access(self.caller, rtype, compartments, labels, author, ctx, action=action, target=f"{rtype}/{rid}",
-                       participates=participates)
+                       participates=participates, addressed=addressed)
         if not d.allowed:
             raise Forbidden(d.reason)
         return compartments
@@ -330,7 +338,13 @@ class Repository:
                                       if isinstance(x, dict)]
         stays = not creating and set(iv.compartments) <= set(previous)
         counted_author = author if (stays or (creating and rtype == "Patient")) else None
-        d = may_access(self.caller, rtype, iv.compartments, labels, counted_author, await self.care(), action="create")
+        ctx = await self.care()
+        sc = search_scope(self.caller, rtype, ctx)
+        # A message lands where its participants see it: it is the caller's when it names them as its sender.
+        addressed = any(PRESENT + p in iv.tokens for p in sc.addressed_params)
+        sends = addressed and any(f"{sc.addressed_params[0]}{SEP}{i}" in iv.refs for i in ctx.identities | sc.acting_for)
+        d = may_access(self.caller, rtype, iv.compartments, labels, counted_author, ctx, action="create",
+                       participates=sends, addressed=addressed)
         if not d.allowed:
             raise Forbidden(d.reason)
 

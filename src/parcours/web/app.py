@@ -23,8 +23,11 @@ from parcours.services.booking import notify as booking_notify
 from parcours.services.records import runtime as record_runtime
 from parcours.services.platform import Platform
 from parcours.web import access_pages, booking_api, booking_pages, directory_api, fhir, fhir_ws, oidc, pages, smart
-from parcours.web import record_api
-from parcours.web import telehealth_pages, telehealth_ws
+from parcours.web import record_api, record_pages
+from parcours.web import messaging_pages, messaging_ws
+from parcours.services.messaging import hub as messaging_hub
+from parcours.services.messaging import notify as messaging_notify
+from parcours.web import telehealth_api, telehealth_pages, telehealth_ws
 from parcours.services.telehealth.signaling import Signaling
 from parcours.web.fhir_render import error_response
 
@@ -46,9 +49,14 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
             app.state.platform, booking_api.notifier_of(app, app.state.platform))
         stop_record = await record_runtime.start(  # MLLP listener for lab results, notices of new documents
             app.state.platform, booking_api.notifier_of(app, app.state.platform).email)
+        app.state.messaging = await messaging_hub.Hub.start(app.state.platform, app.state.events.feed)  # live messages
+        stop_messaging = messaging_notify.start_in_background(  # e-mail notices of unread messages, retention
+            app.state.platform, booking_api.notifier_of(app, app.state.platform).email)
         try:
             yield
         finally:
+            await stop_messaging()
+            await app.state.messaging.close()
             await stop_record()
             await stop_booking()
             await stop_audit()
@@ -74,8 +82,12 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     booking_api.install(app)  # /api/booking, FHIR $find and $book, private agenda feeds
     booking_pages.install(app)  # search with a map, booking, my appointments, the agenda
     record_api.install(app)  # shared record: uploads, content downloads, timeline, results, HL7 v2 over HTTP
+    record_pages.install(app)  # shared record pages: documents, results, timeline, patients, lab reconciliation
     app.router.routes.append(telehealth_ws.route)  # signaling of the consultation rooms
     telehealth_pages.install(app)  # teleconsultation: list, device check, room, report
+    telehealth_api.install(app)  # tele-expertise requests, workflow, opinions, threads
+    app.router.routes.append(messaging_ws.route)  # live messages: /messages/ws
+    messaging_pages.install(app)  # secure messaging: inbox, conversations, new conversation, /api/messaging
 
     @app.exception_handler(ParcoursError)
     async def parcours_error(request: Request, exc: ParcoursError) -> Response:

@@ -219,7 +219,7 @@ async def join_waitlist(request: Request) -> JSONResponse:
     if before is None or not body.get("role"):
         raise BadRequest("Say which practitioner role and before when: {\"role\": ..., \"before\": ...}")
     async with platform_of(request).transaction(caller) as repo:
-        patient = await service._patient_of(repo, body.get("patient"))  # noqa: SLF001 - same rule as booking
+        patient = await service.access_patient(repo, body.get("patient"))
         result = await waitlist.join(repo, patient=patient, role_id=str(body["role"]), before=before, offer=body.get("offer"))
     return JSONResponse({"waitlist": appointment_json(result.stored)}, 201)
 

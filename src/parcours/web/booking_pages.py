@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import date, datetime, time, timedelta
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -120,13 +120,20 @@ async def search_page(request: Request) -> Response:
                 points.append({"n": i, "lat": pos[0], "lon": pos[1], "name": directory.display_name(h.practitioner or {}),
                                "href": f"/booking/practitioners/{h.role.id}"})
     center = {"lat": place.lat, "lon": place.lon} if place else {"lat": 49.894, "lon": 2.295}
-    return _page(request, "booking_search.html", form=form, result=result, error=error, place=place,
+    response = _page(request, "booking_search.html", form=form, result=result, error=error, place=place,
                  hits=[h.as_json(lang) for h in result.hits] if result else [],
                  specialties=[nom.specialties.get(c) for c in COMMON_SPECIALTIES if nom.specialties.get(c)],
                  professions=[nom.professions.get(c) for c in COMMON_PROFESSIONS if nom.professions.get(c)],
                  offers=nom.care_offers.active(), map_data=json.dumps({"center": center, "points": points,
                                                                         "tiles": platform_of(request).settings.map_tiles_url}),
                  current="appointments" if _space(request) == navigation.PORTAL else "agenda")
+    tiles = platform_of(request).settings.map_tiles_url
+    if tiles:
+        # The map's tiles come from the configured tile server: this page alone may load its images.
+        origin = "{0.scheme}://{0.netloc}".format(urlsplit(tiles))
+        csp = response.headers["Content-Security-Policy"].replace("img-src 'self' data:", f"img-src 'self' data: {origin}")
+        response.headers["Content-Security-Policy"] = csp
+    return response
 
 
 def _space(request: Request) -> str | None:
@@ -364,7 +371,7 @@ async def waitlist_submit(request: Request) -> Response:
     before = model.parse_instant(str(form.get("before") or ""))
     before = datetime.combine(before.astimezone(model.PARIS).date(), time(23, 59), model.PARIS)
     async with platform_of(request).transaction(caller) as repo:
-        patient = await service._patient_of(repo, str(form.get("patient") or "") or None)  # noqa: SLF001
+        patient = await service.access_patient(repo, str(form.get("patient") or "") or None)
         await waitlist.join(repo, patient=patient, role_id=request.path_params["role"], before=before)
     return redirect("/portal/appointments?done=waitlisted")
 

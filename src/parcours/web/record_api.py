@@ -18,9 +18,11 @@ app's handler.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from fastapi import FastAPI
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -219,8 +221,65 @@ async def inbox_reject(request: Request) -> Response:
     return JSONResponse({"status": "rejected"})
 
 
+def parse_day(value: str | None, default: date) -> date:
+    if not value:
+        return default
+    try:
+        if len(value) == 4:
+            return date(int(value), 1, 1)
+        if len(value) == 7:
+            return date(int(value[:4]), int(value[5:7]), 1)
+        return date.fromisoformat(value[:10])
+    except ValueError:
+        raise BadRequest(f"Not a date: {value!r} (YYYY, YYYY-MM or YYYY-MM-DD)") from None
+
+
+async def timeline_json(request: Request) -> Response:
+    from parcours.services.records import timeline
+
+    platform = platform_of(request)
+    qp = request.query_params
+    cats = qp.getlist("category") or None
+    zoom = qp.get("zoom")
+    if zoom is not None and zoom not in timeline.ZOOMS:
+        raise BadRequest(f"zoom is one of {', '.join(timeline.ZOOMS)}")
+    async with platform.transaction(caller_of(request)) as repo:
+        evs = await timeline.events(repo, request.path_params["patient"], cats)
+    if zoom:
+        evs = timeline.in_window(evs, zoom, parse_day(qp.get("at"), platform.clock.now().date()))
+    body = {"events": [{"when": e.when, "category": e.category, "reference": e.ref, "title": e.title, "status": e.status,
+                        "detail": e.detail} for e in evs], "total": len(evs)}
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+async def results_json(request: Request) -> Response:
+    from parcours.services.records import results
+
+    platform = platform_of(request)
+    async with platform.transaction(caller_of(request)) as repo:
+        series = await results.series_of(repo, request.path_params["patient"])
+    return JSONResponse({"series": [{"code": s.code, "label": s.label, "unit": s.unit, "points": [
+        {"when": p.when, "value": p.value, "low": p.low, "high": p.high, "flag": p.flag, "observation": p.obs_id} for p in s.points],
+        "texts": [{"when": w, "value": v, "observation": o} for w, v, o in s.texts]} for s in series]})
+
+
+async def summary_pdf(request: Request) -> Response:
+    from parcours.services.records import summary
+
+    platform = platform_of(request)
+    lang = request.query_params.get("lang") or "fr"
+    async with platform.transaction(caller_of(request)) as repo:
+        pdf, filename = await summary.summary_pdf(repo, request.path_params["patient"], lang=lang, now=platform.clock.now())
+    return Response(pdf, 200, media_type="application/pdf", headers={
+        "Content-Disposition": f'attachment; filename="{quote(filename)}"', "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff"})
+
+
 def routes() -> list[Route]:
     return [
+        Route("/api/record/patients/{patient}/timeline", timeline_json, methods=["GET"]),
+        Route("/api/record/patients/{patient}/results", results_json, methods=["GET"]),
+        Route("/api/record/patients/{patient}/summary.pdf", summary_pdf, methods=["GET"]),
         Route("/api/record/lab-inbox", inbox_list, methods=["GET"]),
         Route("/api/record/lab-inbox/{id:int}/assign", inbox_assign, methods=["POST"]),
         Route("/api/record/lab-inbox/{id:int}/reject", inbox_reject, methods=["POST"]),

@@ -46,8 +46,8 @@ async def portal_home(request: Request) -> Response:
 
 @page
 async def open_room(request: Request) -> Response:
+    form = await require_csrf(request)  # first: the session Caller of a POST needs the CSRF check done
     require_space(request, navigation.WORKSPACE)
-    form = await require_csrf(request)
     patient = str(form.get("patient") or "").strip().removeprefix("Patient/")
     if not patient:
         raise BadRequest("Give the patient")
@@ -77,8 +77,8 @@ async def room_page(request: Request) -> Response:
 
 async def end(request: Request) -> Response:
     """JSON for the room's script: records the Encounter, then tells every participant."""
+    form = await require_csrf(request)  # first: the session Caller of a POST needs the CSRF check done
     require_full(request)
-    form = await require_csrf(request)
     p = platform_of(request)
     try:
         started = datetime.fromisoformat(str(form.get("started") or ""))
@@ -104,8 +104,8 @@ async def report_form(request: Request) -> Response:
 
 @page
 async def report_submit(request: Request) -> Response:
+    form = await require_csrf(request)  # first: the session Caller of a POST needs the CSRF check done
     require_full(request)
-    form = await require_csrf(request)
     p = platform_of(request)
     encounter = str(form.get("encounter") or "")
     async with p.transaction(caller_of(request)) as repo:

@@ -143,7 +143,8 @@ async def alternatives(repo: Repository, slot_id: str, n: int = 5) -> list[Store
 
 # -- booking ----------------------------------------------------------------------------------------
 
-async def _patient_of(repo: Repository, patient: str | None) -> str:
+async def access_patient(repo: Repository, patient: str | None) -> str:
+    """The patient the caller books for: themselves, the person a proxy helps, anyone for the practice."""
     caller = repo.caller
     if patient is None:
         if caller.kind == "patient" and caller.fhir_user:
@@ -169,7 +170,7 @@ async def known_patient(repo: Repository, patient: str, role_ref: str, practitio
 
 async def book(repo: Repository, slot_id: str, *, patient: str | None = None, comment: str | None = None) -> WriteResult:
     """Book a free slot for a patient (themselves, the person a proxy helps, or on their behalf)."""
-    patient_ref = await _patient_of(repo, patient)
+    patient_ref = await access_patient(repo, patient)
     try:
         slot = (await repo.read("Slot", slot_id)).resource()
     except NotFound:
@@ -341,6 +342,6 @@ async def slot_context(repo: Repository, slot_id: str) -> SlotContext:
                        inc.get(("Location", model.actor_id(sched, "Location") or ""), {}), org)
 
 
-__all__ = ["SlotContext", "SlotQuery", "access_agenda", "agenda", "alternatives", "appointments_of_patients", "book",
+__all__ = ["SlotContext", "SlotQuery", "access_agenda", "access_patient", "agenda", "alternatives", "appointments_of_patients", "book",
            "book_or_alternatives", "cancel", "define", "find", "known_patient", "mark_noshow", "reschedule", "roles_of",
            "schedules_of", "set_blocked", "slot_context"]

@@ -15,6 +15,7 @@ document (billion laughs, XXE) is refused rather than expanded. What is read:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from xml.etree.ElementTree import Element
 
@@ -95,8 +96,13 @@ def parse_time(value: str | None) -> str | None:
     if len(digits) == 4:
         return digits
     if len(digits) == 6:
-        return f"{digits[:4]}-{digits[4:6]}"
+        return f"{digits[:4]}-{digits[4:6]}" if 1 <= int(digits[4:6]) <= 12 else None
     date = f"{digits[:4]}-{digits[4:6]}-{digits[6:8]}"
+    try:  # senders do write month 20: such a time is no time
+        datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]), int(digits[8:10] or 0), int(digits[10:12] or 0),
+                 int(digits[12:14] or 0))
+    except ValueError:
+        return None
     if len(digits) < 12:
         return date
     sec = digits[12:14] or "00"

@@ -130,7 +130,7 @@ def build_resource(platform: Platform, repo: Repository, new: NewDocument, check
     conf = (new.confidentiality or cda.get("confidentiality") or "N").upper()
     if conf not in codes.CONFIDENTIALITY_LEVELS:
         raise BadRequest(f"Unknown confidentiality {conf!r}: N, R or V")
-    title = (new.title or cda.get("title") or new.filename or display).strip()[:250]
+    title = (new.title or cda.get("title") or (display if new.type_code else None) or new.filename or display).strip()[:250]
     care = _date_of_care(new.care_date) or cda.get("care_date")
     setting = new.practice_setting or ((cda.get("practice_setting") or (None, None))[0])
     attachment: dict[str, Any] = {

@@ -302,6 +302,14 @@ def _result(msg: Message, seg: list[str]) -> Result:
     return r
 
 
+def escape(text: str, msg: Message | None = None) -> str:
+    fs, cs, rs, esc, ss = (msg.field_sep, msg.comp_sep, msg.rep_sep, msg.esc, msg.sub_sep) if msg else ("|", "^", "~", "\\", "&")
+    out = text.replace(esc, f"{esc}E{esc}")
+    for ch, code in ((fs, "F"), (cs, "S"), (ss, "T"), (rs, "R")):
+        out = out.replace(ch, f"{esc}{code}{esc}")
+    return out
+
+
 # -- acknowledgements -------------------------------------------------------------------------------------
 
 def ack(msg: Message | None, code: str, text: str = "", *, now: datetime, control_id: str) -> str:
@@ -310,7 +318,7 @@ def ack(msg: Message | None, code: str, text: str = "", *, now: datetime, contro
     enc = f"{msg.comp_sep}{msg.rep_sep}{msg.esc}{msg.sub_sep}" if msg else "^~\\&"
     msh = msg.segments[0] if msg else None
     trigger = msg.comps(field(msh, 9))[1] if msg and len(msg.comps(field(msh, 9))) > 1 else ""
-    safe = re.sub(r"[|^~\\&\r\n]", " ", text)[:200]
+    safe = escape(re.sub(r"[\r\n]+", " ", text)[:200], msg)
     segs = [
         fs.join(["MSH", enc, field(msh, 5) or "PARCOURS", field(msh, 6) or "PARCOURS", field(msh, 3), field(msh, 4),
                  now.strftime("%Y%m%d%H%M%S"), "", f"ACK{cs}{trigger}{cs}ACK" if trigger else "ACK", control_id,

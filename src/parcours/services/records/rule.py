@@ -4,8 +4,9 @@ Registered on the platform, it runs in the transaction of every write of a
 DocumentReference or DiagnosticReport, whatever the path (REST, Bundles, services):
 
 * an attachment that points at the platform's content route must name content of the
-  same patient, not yet presented by another resource: nobody gets to read another
-  record's file by writing a DocumentReference that points at it;
+  same patient, not yet presented by another DocumentReference: nobody gets to read
+  another record's file by writing a resource that points at it (a DiagnosticReport may
+  present its own document's content; downloads are checked on the content's owner);
 * ``indexed_text`` gives the Repository the text extracted from the document's content
   (kept encrypted with the blob), so that a metadata update made through the FHIR API
   or a patient hiding the document keeps its ``_content`` search working.
@@ -56,6 +57,8 @@ class RecordRule:
                 raise Unprocessable(f"The attachment names content {bid} that does not exist") from None
             if info.patient != subject:
                 raise Unprocessable("An attachment may only name content of the same patient's record")
+            if rtype == "DiagnosticReport":
+                continue  # a report may present its document's content; downloads check the document
             if info.owner not in (None, me):
                 raise Unprocessable(f"Content {bid} belongs to {info.owner}; upload the file again to present it elsewhere")
             if info.owner is None:

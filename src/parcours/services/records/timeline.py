@@ -1,0 +1,201 @@
+"""The patient's timeline ("ligne de vie"): everything in the record, in time order.
+
+Built from one ``Patient/$everything`` read through the caller's Repository, so the access
+policy decides what appears (a hidden document is not on a professional's timeline) and
+the read is audited once. Each resource becomes an :class:`Event` with the date that
+matters clinically (the encounter's start, the appointment's start, the document's date of
+care, the report's effective time...), a category and a short title; observations that a
+report lists are shown through that report.
+
+The view zooms by year, month or day: :func:`window` gives the period around an anchor
+date, :func:`overview` counts events per sub-period and category for the chart above the list.
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from parcours.store.repository import Repository
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "encounter": ("Encounter",),
+    "appointment": ("Appointment",),
+    "document": ("DocumentReference",),
+    "result": ("DiagnosticReport", "Observation"),
+    "prescription": ("MedicationRequest",),
+    "condition": ("Condition",),
+    "immunization": ("Immunization",),
+    "procedure": ("Procedure",),
+    "alert": ("Flag",),
+    "message": ("Communication",),
+}
+CATEGORY_OF = {t: c for c, types in CATEGORIES.items() for t in types}
+ZOOMS = ("year", "month", "day")
+
+
+@dataclass(frozen=True)
+class Event:
+    when: str  # FHIR date or dateTime
+    day: date
+    category: str
+    rtype: str
+    id: str
+    title: str
+    status: str | None
+    detail: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.rtype}/{self.id}"
+
+
+def _text(cc: Any) -> str:
+    if isinstance(cc, list):
+        cc = cc[0] if cc else {}
+    if not isinstance(cc, dict):
+        return ""
+    if cc.get("text"):
+        return str(cc["text"])
+    for c in cc.get("coding") or []:
+        if c.get("display"):
+            return str(c["display"])
+    return str(((cc.get("coding") or [{}])[0]).get("code") or "")
+
+
+def _when_of(rtype: str, r: dict) -> str | None:
+    period = lambda k: (r.get(k) or {}).get("start")  # noqa: E731
+    if rtype == "Encounter":
+        return period("period")
+    if rtype == "Appointment":
+        return r.get("start")
+    if rtype == "DocumentReference":
+        return ((r.get("context") or {}).get("period") or {}).get("start") or r.get("date")
+    if rtype in ("DiagnosticReport", "Observation"):
+        return r.get("effectiveDateTime") or period("effectivePeriod") or r.get("issued")
+    if rtype == "MedicationRequest":
+        return r.get("authoredOn")
+    if rtype == "Condition":
+        return r.get("onsetDateTime") or period("onsetPeriod") or r.get("recordedDate")
+    if rtype == "Immunization":
+        return r.get("occurrenceDateTime") or r.get("recorded")
+    if rtype == "Procedure":
+        return r.get("performedDateTime") or period("performedPeriod")
+    if rtype == "Flag":
+        return period("period")
+    if rtype == "Communication":
+        return r.get("sent") or r.get("received")
+    return None
+
+
+def _title_of(rtype: str, r: dict) -> tuple[str, str]:
+    if rtype == "Encounter":
+        return _text(r.get("type")) or _text(r.get("serviceType")) or "", _text(r.get("reasonCode"))
+    if rtype == "Appointment":
+        return r.get("description") or _text(r.get("serviceType")) or _text(r.get("appointmentType")), ""
+    if rtype == "DocumentReference":
+        return r.get("description") or _text(r.get("type")), _text(r.get("type"))
+    if rtype == "DiagnosticReport":
+        return _text(r.get("code")), f"{len(r.get('result') or [])}"
+    if rtype == "Observation":
+        q = r.get("valueQuantity") or {}
+        value = f"{q.get('value')} {q.get('unit') or ''}".strip() if q else str(r.get("valueString") or _text(r.get("valueCodeableConcept")))
+        return _text(r.get("code")), value
+    if rtype == "MedicationRequest":
+        return _text(r.get("medicationCodeableConcept")) or ((r.get("medicationReference") or {}).get("display") or ""), \
+            "; ".join(str(d.get("text") or "") for d in r.get("dosageInstruction") or [])
+    if rtype in ("Condition", "Procedure"):
+        return _text(r.get("code")), _text(r.get("clinicalStatus"))
+    if rtype == "Immunization":
+        return _text(r.get("vaccineCode")), ""
+    if rtype == "Flag":
+        return _text(r.get("code")), _text(r.get("category"))
+    if rtype == "Communication":
+        return _text(r.get("category")) or (str(((r.get("payload") or [{}])[0]).get("contentString") or "")[:80]), ""
+    return rtype, ""
+
+
+def _day(when: str) -> date | None:
+    try:
+        if len(when) == 4:
+            return date(int(when), 1, 1)
+        if len(when) == 7:
+            return date(int(when[:4]), int(when[5:7]), 1)
+        if "T" in when:
+            from parcours.services.booking.model import PARIS
+
+            return datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone(PARIS).date()
+        return date.fromisoformat(when[:10])
+    except ValueError:
+        return None
+
+
+async def events(repo: Repository, patient_id: str, categories: list[str] | None = None) -> list[Event]:
+    """Every event of the record the caller may see, newest first."""
+    wanted = [c for c in (categories or list(CATEGORIES)) if c in CATEGORIES]
+    types = sorted({t for c in wanted for t in CATEGORIES[c]})
+    stored = await repo.everything(patient_id, types=types)
+    resources = [(s.resource_type, s.id, s.resource()) for s in stored if s.resource_type != "Patient"]
+    in_reports = {ref.get("reference") for rt, _, r in resources if rt == "DiagnosticReport" for ref in r.get("result") or []}
+    out: list[Event] = []
+    for rtype, rid, r in resources:
+        if rtype == "Observation" and f"Observation/{rid}" in in_reports:
+            continue
+        if r.get("status") == "entered-in-error" and rtype != "DocumentReference":
+            continue
+        when = _when_of(rtype, r)
+        day = _day(when) if when else None
+        if day is None:
+            continue
+        title, detail = _title_of(rtype, r)
+        out.append(Event(str(when), day, CATEGORY_OF[rtype], rtype, rid, title or rtype, r.get("status"), detail))
+    out.sort(key=lambda e: (e.when, e.ref), reverse=True)
+    return out
+
+
+def window(zoom: str, at: date) -> tuple[date, date]:
+    """[start, end) of the period shown: the year, the month or the day of ``at``."""
+    if zoom == "year":
+        return date(at.year, 1, 1), date(at.year + 1, 1, 1)
+    if zoom == "month":
+        return date(at.year, at.month, 1), (date(at.year + (at.month == 12), at.month % 12 + 1, 1))
+    return at, at + timedelta(days=1)
+
+
+def step(zoom: str, at: date, n: int) -> date:
+    if zoom == "year":
+        return date(at.year + n, 1, 1)
+    if zoom == "month":
+        m = at.year * 12 + at.month - 1 + n
+        return date(m // 12, m % 12 + 1, 1)
+    return at + timedelta(days=n)
+
+
+def overview(evs: list[Event], zoom: str, at: date) -> list[tuple[str, date, dict[str, int]]]:
+    """Counts per sub-period of the window (months of a year, days of a month, the day itself)."""
+    start, end = window(zoom, at)
+    if zoom == "year":
+        slots = [date(start.year, m, 1) for m in range(1, 13)]
+        key = lambda d: date(d.year, d.month, 1)  # noqa: E731
+    elif zoom == "month":
+        slots = [date(start.year, start.month, d) for d in range(1, calendar.monthrange(start.year, start.month)[1] + 1)]
+        key = lambda d: d  # noqa: E731
+    else:
+        slots = [start]
+        key = lambda d: d  # noqa: E731
+    counts: dict[date, dict[str, int]] = {s: {} for s in slots}
+    for e in evs:
+        if start <= e.day < end:
+            c = counts.setdefault(key(e.day), {})
+            c[e.category] = c.get(e.category, 0) + 1
+    return [(s.isoformat(), s, counts[s]) for s in slots]
+
+
+def in_window(evs: list[Event], zoom: str, at: date) -> list[Event]:
+    start, end = window(zoom, at)
+    return [e for e in evs if start <= e.day < end]
+
+
+__all__ = ["CATEGORIES", "Event", "ZOOMS", "events", "in_window", "overview", "step", "window"]
