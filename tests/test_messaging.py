@@ -332,3 +332,21 @@ def test_the_migration_matches_the_store(pg_uri: str) -> None:
             assert set(insp.get_pk_constraint(table.name)["constrained_columns"]) == {c.name for c in table.primary_key.columns}
     finally:
         engine.dispose()
+
+
+async def test_a_message_is_committed_durably_even_after_a_read_in_its_transaction(platform, world: World) -> None:
+    """Reads commit their audit entry asynchronously; a transaction that also writes (a read of
+    the conversation, then the message) must not: a crash may lose read entries, never a message."""
+    w = world
+    conv = await start(platform, w.gp, [w.nurse.ref], topic="Durabilité")
+
+    async def setting(conn) -> str:  # type: ignore[no-untyped-def]
+        return str((await (await conn.execute("SELECT current_setting('synchronous_commit')")).fetchone())[0])
+
+    async with platform.transaction(w.gp.caller) as repo:
+        await repo.read("Communication", conv.conversation.id)
+        assert await setting(repo.conn) == "off"  # a read alone: group commit
+        await service.send(repo, conv.conversation.id, text="Écrit", max_attachment_bytes=MAX)
+        assert await setting(repo.conn) != "off"
+        await repo.read("Communication", conv.conversation.id)  # a read after the write changes nothing
+        assert await setting(repo.conn) != "off"

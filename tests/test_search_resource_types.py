@@ -109,7 +109,8 @@ CASES: dict[str, tuple[str, list[str], list[str]]] = {
                                           "site=Development&outcome=0"], ["action=R"]),
     "Provenance": ("Provenance-example", ["target=Procedure/example", "agent=Practitioner/xcda-author", "recorded=2015-06-26",
                                           "agent-type=AUT"], ["recorded=2016"]),
-    "Subscription": ("Subscription-example", ["status=requested&type=rest-hook", "payload=application/fhir+json",
+    # The server moves a requested Subscription to active (or error) on its own, at any moment.
+    "Subscription": ("Subscription-example", ["status=requested,active,error&type=rest-hook", "payload=application/fhir+json",
                                               "url=https://biliwatch.com/customers/mount-auburn-miu/on-result"], ["type=websocket"]),
     "Group": ("Group-herd1", ["type=animal&actual=true", "code=388393002", "identifier={ident}"], ["type=person"]),
 }

@@ -74,33 +74,41 @@ async def load(conn: AsyncConnection, caller: Caller, now: datetime) -> CareCont
     if caller.kind != "practitioner" or not identities:
         return CareContext(identities=frozenset(identities))
     patients = set()
-    for rtype, who_params, patient_params, ended, date_param in RELATIONSHIPS:
-        t = tables(rtype)
-        m = t.main
-        keys = [f"{p}{SEP}{ident}" for p in who_params for ident in identities]
-        cond = [m.c.deleted.is_(False), m.c.refs.overlap(_arr(keys)),
-                not_(m.c.tokens.overlap(_arr([f"status{SEP}*|{s}" for s in ended])))]
-        if date_param:
-            idx = t.idx
-            recent = select(literal(1)).select_from(idx).where(
-                idx.c.resource_id == m.c.id, idx.c.code == date_param, idx.c.hi >= now - RECENT).exists()
-            cond.append(or_(recent, not_(m.c.tokens.contains(_arr(["\x1e" + date_param])))))
-        sql, params = compile_stmt(select(m.c.refs).where(and_(*cond)))
-        for (refs,) in await (await conn.execute(sql, params)).fetchall():
-            for r in refs:
-                code, _, ref = r.partition(SEP)
-                if code in patient_params and ref.startswith("Patient/"):
-                    patients.add(ref)
-    e = emergency_access
-    sql, params = compile_stmt(select(e.c.patient).where(e.c.agent == caller.fhir_user, e.c.until > now))
-    emergency = {r[0] for r in await (await conn.execute(sql, params)).fetchall()}
-    # A patient can block a named professional with a Consent that denies them.
-    c = tables("Consent").main
-    sql, params = compile_stmt(select(c.c.content).where(
-        c.c.deleted.is_(False), c.c.tokens.contains(_arr([f"status{SEP}*|active"])),
-        c.c.refs.overlap(_arr([f"actor{SEP}{ident}" for ident in identities]))))
+    # The lookups below are independent: sent together in one pipeline (one round trip).
+    async with conn.pipeline():
+        found = []
+        for rtype, who_params, patient_params, ended, date_param in RELATIONSHIPS:
+            t = tables(rtype)
+            m = t.main
+            keys = [f"{p}{SEP}{ident}" for p in who_params for ident in identities]
+            cond = [m.c.deleted.is_(False), m.c.refs.overlap(_arr(keys)),
+                    not_(m.c.tokens.overlap(_arr([f"status{SEP}*|{s}" for s in ended])))]
+            if date_param:
+                idx = t.idx
+                recent = select(literal(1)).select_from(idx).where(
+                    idx.c.resource_id == m.c.id, idx.c.code == date_param, idx.c.hi >= now - RECENT).exists()
+                cond.append(or_(recent, not_(m.c.tokens.contains(_arr(["\x1e" + date_param])))))
+            sql, params = compile_stmt(select(m.c.refs).where(and_(*cond)))
+            found.append((patient_params, await conn.execute(sql, params)))
+        e = emergency_access
+        sql, params = compile_stmt(select(e.c.patient).where(e.c.agent == caller.fhir_user, e.c.until > now))
+        emergency_cur = await conn.execute(sql, params)
+        # A patient can block a named professional with a Consent that denies them.
+        c = tables("Consent").main
+        sql, params = compile_stmt(select(c.c.content).where(
+            c.c.deleted.is_(False), c.c.tokens.contains(_arr([f"status{SEP}*|active"])),
+            c.c.refs.overlap(_arr([f"actor{SEP}{ident}" for ident in identities]))))
+        consent_cur = await conn.execute(sql, params)
+        for patient_params, cur in found:
+            for (refs,) in await cur.fetchall():
+                for r in refs:
+                    code, _, ref = r.partition(SEP)
+                    if code in patient_params and ref.startswith("Patient/"):
+                        patients.add(ref)
+        emergency = {r[0] for r in await emergency_cur.fetchall()}
+        consents = await consent_cur.fetchall()
     blocked: set[str] = set()
-    for (content,) in await (await conn.execute(sql, params)).fetchall():
+    for (content,) in consents:
         consent = orjson.loads(content)
         provision = consent.get("provision") or {}
         patient = (consent.get("patient") or {}).get("reference")

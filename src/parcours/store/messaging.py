@@ -172,12 +172,12 @@ async def open_conversation(conn: AsyncConnection, conversation_id: str, *, pati
 
 
 async def get_conversation(conn: AsyncConnection, conversation_id: str) -> Conversation | None:
-    row = await _one(conn, select(*_CONV_COLS).where(conversation.c.id == conversation_id))
+    who = (select(func.array_agg(participant.c.participant)).where(participant.c.conversation_id == conversation.c.id)
+           .scalar_subquery())
+    row = await _one(conn, select(*_CONV_COLS, who).where(conversation.c.id == conversation_id))
     if row is None:
         return None
-    who = await _rows(conn, select(participant.c.participant).where(participant.c.conversation_id == conversation_id)
-                      .order_by(participant.c.participant))
-    return Conversation(*row, participants=tuple(r[0] for r in who))
+    return Conversation(*row[:-1], participants=tuple(sorted(row[-1] or ())))
 
 
 async def next_seq(conn: AsyncConnection, conversation_id: str, now: datetime) -> int | None:
@@ -189,27 +189,30 @@ async def next_seq(conn: AsyncConnection, conversation_id: str, now: datetime) -
     return int(row[0]) if row else None
 
 
-async def add_message(conn: AsyncConnection, conversation_id: str, seq: int, message_id: str, *, sender: str,
-                      sender_participant: str, sent_at: datetime, notify: list[str]) -> None:
-    """Record a message, and queue an e-mail notice for ``notify`` (the other participants
-    who did not mute the conversation)."""
-    await _rows(conn, pg_insert(message).values(conversation_id=conversation_id, seq=seq, message_id=message_id, sender=sender,
-                                                sender_participant=sender_participant, sent_at=sent_at))
-    # The sender has read what they wrote.
-    await _rows(conn, update(participant).where(participant.c.conversation_id == conversation_id,
-                                                participant.c.participant == sender_participant)
-                .values(last_read_seq=func.greatest(participant.c.last_read_seq, seq), last_read_at=sent_at))
-    await _rows(conn, delete(pending).where(pending.c.conversation_id == conversation_id,
-                                            pending.c.participant == sender_participant))
-    if notify:
-        muted = await _rows(conn, select(participant.c.participant).where(
-            participant.c.conversation_id == conversation_id, participant.c.participant == any_(_arr(notify)),
-            participant.c.muted.is_(True)))
-        quiet = {r[0] for r in muted}
-        for who in notify:
-            if who not in quiet:
-                await _rows(conn, pg_insert(pending).values(participant=who, conversation_id=conversation_id, first_at=sent_at)
-                            .on_conflict_do_nothing())
+async def add_message(conn: AsyncConnection, conversation_id: str, message_id: str, *, sender: str,
+                      sender_participant: str, sent_at: datetime, notify: list[str]) -> int | None:
+    """Number and record a message (``next_seq``), and queue an e-mail notice for ``notify``
+    (the other participants, unless they muted the conversation). Returns its number (None:
+    no such conversation). Two round trips: the number, then the rest in one pipeline."""
+    seq = await next_seq(conn, conversation_id, sent_at)
+    if seq is None:
+        return None
+    p = participant
+    async with conn.pipeline():
+        await _rows(conn, pg_insert(message).values(conversation_id=conversation_id, seq=seq, message_id=message_id,
+                                                    sender=sender, sender_participant=sender_participant, sent_at=sent_at))
+        # The sender has read what they wrote.
+        await _rows(conn, update(p).where(p.c.conversation_id == conversation_id, p.c.participant == sender_participant)
+                    .values(last_read_seq=func.greatest(p.c.last_read_seq, seq), last_read_at=sent_at))
+        await _rows(conn, delete(pending).where(pending.c.conversation_id == conversation_id,
+                                                pending.c.participant == sender_participant))
+        if notify:
+            await _rows(conn, pg_insert(pending).from_select(
+                ["participant", "conversation_id", "first_at"],
+                select(p.c.participant, literal(conversation_id), literal(sent_at, DateTime(timezone=True)))
+                .where(p.c.conversation_id == conversation_id, p.c.participant == any_(_arr(notify)), p.c.muted.is_(False)),
+            ).on_conflict_do_nothing())
+    return seq
 
 
 @dataclass(frozen=True)

@@ -363,11 +363,15 @@ class Repository:
             patients=tuple(sorted(set(patients)))[:200], query=query, purpose=purpose, detail=detail)
         if action in READ_ACTIONS:
             # A read commits only its audit entry: group commit is enough (a crash may
-            # lose the last fraction of a second of read entries, never a write's).
+            # lose the last fraction of a second of read entries, never a write's). Not
+            # when the transaction already wrote (it has a transaction id by then).
             async with self.conn.pipeline():
-                await self.conn.execute("SET LOCAL synchronous_commit TO off")
+                await self.conn.execute(
+                    "SELECT set_config('synchronous_commit', 'off', true) WHERE pg_current_xact_id_if_assigned() IS NULL")
                 await audit.record(self.conn, rec)
         else:
+            # A read earlier in the same transaction turned synchronous commit off: a write is durable.
+            await self.conn.execute("SET LOCAL synchronous_commit TO DEFAULT")
             await audit.record(self.conn, rec)
 
     async def break_glass(self, patient_id: str, reason: str, minutes: int = 240) -> datetime:

@@ -65,11 +65,12 @@ class MessagingRule:
             return
         if previous is not None or resource is None:
             raise Forbidden("A message, once sent, is neither changed nor deleted")
+        conv = None
         if kind == model.CONVERSATION:
             await self._check_conversation(repo, resource)
         else:
-            await self._check_message(repo, rid, resource)
-        await self._record(repo, rid, resource, kind)
+            conv = await self._check_message(repo, rid, resource)
+        await self._record(repo, rid, resource, kind, conv)
 
     # -- checks --------------------------------------------------------------------------------
     async def _acting_as(self, repo: Repository, resource: dict, participants: list[str]) -> str:
@@ -141,7 +142,7 @@ class MessagingRule:
             return
         raise Forbidden("You can write to the professionals who care for you, and to those who accept messages from patients")
 
-    async def _check_message(self, repo: Repository, rid: str, resource: dict) -> None:
+    async def _check_message(self, repo: Repository, rid: str, resource: dict) -> store.Conversation:
         cid = model.conversation_of(resource)
         conv = await store.get_conversation(repo.conn, cid) if cid else None
         if conv is None or len(model.part_of(resource)) != 1:
@@ -175,6 +176,7 @@ class MessagingRule:
             with_patient = model.patient_of(participants)
             if with_patient and with_patient[0] not in (ctx.patients | ctx.emergency) and not conv.patient_started:
                 raise Forbidden("You can write to a patient within a care relationship, or answer a conversation they opened")
+        return conv
 
     async def _check_other(self, repo: Repository, resource: dict) -> None:
         """A Communication outside messaging that names a sender or recipients: the
@@ -191,7 +193,8 @@ class MessagingRule:
             raise Forbidden("You can write to or about a patient only within a care relationship")
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    async def _record(self, repo: Repository, rid: str, resource: dict, kind: str | None) -> None:
+    async def _record(self, repo: Repository, rid: str, resource: dict, kind: str | None,
+                      conv: store.Conversation | None = None) -> None:
         now = repo.clock.now()
         if kind == model.CONVERSATION:
             participants = model.participants(resource)
@@ -203,14 +206,12 @@ class MessagingRule:
                                           participants=participants, now=now)
             return
         cid = model.conversation_of(resource) or ""
-        conv = await store.get_conversation(repo.conn, cid)
+        conv = conv or await store.get_conversation(repo.conn, cid)
         if conv is None:
             raise Unprocessable("A message is part of one conversation (partOf a conversation's Communication)")
         sender = model.sender(resource) or ""
         me = sender if sender in conv.participants else next(iter(model.patient_of(list(conv.participants))), sender)
-        seq = await store.next_seq(repo.conn, cid, now)
-        assert seq is not None
-        await store.add_message(repo.conn, cid, seq, rid, sender=sender, sender_participant=me, sent_at=now,
+        await store.add_message(repo.conn, cid, rid, sender=sender, sender_participant=me, sent_at=now,
                                 notify=[p for p in conv.participants if p != me])
 
 

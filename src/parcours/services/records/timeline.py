@@ -14,6 +14,7 @@ date, :func:`overview` counts events per sub-period and category for the chart a
 from __future__ import annotations
 
 import calendar
+from operator import attrgetter
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -36,7 +37,7 @@ CATEGORY_OF = {t: c for c, types in CATEGORIES.items() for t in types}
 ZOOMS = ("year", "month", "day")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
     when: str  # FHIR date or dateTime
     day: date
@@ -65,29 +66,29 @@ def _text(cc: Any) -> str:
     return str(((cc.get("coding") or [{}])[0]).get("code") or "")
 
 
+def _start(r: dict, key: str) -> str | None:
+    p = r.get(key)
+    return p.get("start") if isinstance(p, dict) else None
+
+
+_WHEN = {
+    "Encounter": lambda r: _start(r, "period"),
+    "Appointment": lambda r: r.get("start"),
+    "DocumentReference": lambda r: _start(r.get("context") or {}, "period") or r.get("date"),
+    "DiagnosticReport": lambda r: r.get("effectiveDateTime") or _start(r, "effectivePeriod") or r.get("issued"),
+    "MedicationRequest": lambda r: r.get("authoredOn"),
+    "Condition": lambda r: r.get("onsetDateTime") or _start(r, "onsetPeriod") or r.get("recordedDate"),
+    "Immunization": lambda r: r.get("occurrenceDateTime") or r.get("recorded"),
+    "Procedure": lambda r: r.get("performedDateTime") or _start(r, "performedPeriod"),
+    "Flag": lambda r: _start(r, "period"),
+    "Communication": lambda r: r.get("sent") or r.get("received"),
+}
+_WHEN["Observation"] = _WHEN["DiagnosticReport"]
+
+
 def _when_of(rtype: str, r: dict) -> str | None:
-    period = lambda k: (r.get(k) or {}).get("start")  # noqa: E731
-    if rtype == "Encounter":
-        return period("period")
-    if rtype == "Appointment":
-        return r.get("start")
-    if rtype == "DocumentReference":
-        return ((r.get("context") or {}).get("period") or {}).get("start") or r.get("date")
-    if rtype in ("DiagnosticReport", "Observation"):
-        return r.get("effectiveDateTime") or period("effectivePeriod") or r.get("issued")
-    if rtype == "MedicationRequest":
-        return r.get("authoredOn")
-    if rtype == "Condition":
-        return r.get("onsetDateTime") or period("onsetPeriod") or r.get("recordedDate")
-    if rtype == "Immunization":
-        return r.get("occurrenceDateTime") or r.get("recorded")
-    if rtype == "Procedure":
-        return r.get("performedDateTime") or period("performedPeriod")
-    if rtype == "Flag":
-        return period("period")
-    if rtype == "Communication":
-        return r.get("sent") or r.get("received")
-    return None
+    fn = _WHEN.get(rtype)
+    return fn(r) if fn else None
 
 
 def _title_of(rtype: str, r: dict) -> tuple[str, str]:
@@ -123,11 +124,11 @@ def _day(when: str) -> date | None:
             return date(int(when), 1, 1)
         if len(when) == 7:
             return date(int(when[:4]), int(when[5:7]), 1)
-        if "T" in when:
+        if "T" in when and when.endswith(("Z", "+00:00")):  # UTC: the day in Paris may be the next one
             from parcours.services.booking.model import PARIS
 
             return datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone(PARIS).date()
-        return date.fromisoformat(when[:10])
+        return date.fromisoformat(when[:10])  # a local time: its own date
     except ValueError:
         return None
 
@@ -151,7 +152,7 @@ async def events(repo: Repository, patient_id: str, categories: list[str] | None
             continue
         title, detail = _title_of(rtype, r)
         out.append(Event(str(when), day, CATEGORY_OF[rtype], rtype, rid, title or rtype, r.get("status"), detail))
-    out.sort(key=lambda e: (e.when, e.ref), reverse=True)
+    out.sort(key=attrgetter("when", "rtype", "id"), reverse=True)
     return out
 
 
