@@ -72,11 +72,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+def _rss_one(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
     return 0
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process and its children (the workers), in KiB."""
+    total = _rss_one(pid)
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                total += _rss_one(int(d.name))
+    return total
 
 
 def raise_nofile() -> None:
@@ -129,14 +146,14 @@ async def load(uri: str, n: int) -> tuple[str, list[dict]]:
 
 # -- the server --------------------------------------------------------------------------------------
 
-def start_server(uri: str, home: Path, port: int, pool: int) -> subprocess.Popen:
+def start_server(uri: str, home: Path, port: int, pool: int, workers: int) -> subprocess.Popen:
     env = {**os.environ, "DATABASE_URL": uri, "PARCOURS_HOME": str(home), "PARCOURS_BASE_URL": f"http://127.0.0.1:{port}",
            "PARCOURS_DB_POOL_SIZE": str(pool), "PARCOURS_MESSAGING_JOBS_WORKER": "false", "PARCOURS_BOOKING_JOBS_WORKER": "false",
            "PARCOURS_EXPORT_WORKER": "false", "PARCOURS_RECORD_NOTICES_WORKER": "false", "PARCOURS_LOG_LEVEL": "WARNING"}
     cmd = [sys.executable, "-c", "import resource; s, h = resource.getrlimit(resource.RLIMIT_NOFILE); "
            "resource.setrlimit(resource.RLIMIT_NOFILE, (h, h)); import uvicorn; "
            f"uvicorn.run('parcours.web.asgi:app', host='127.0.0.1', port={port}, loop='uvloop', http='httptools', "
-           "ws='websockets', log_level='warning', access_log=False, lifespan='on', backlog=4096)"]
+           f"ws='websockets', ws_per_message_deflate=False, log_level='warning', access_log=False, lifespan='on', backlog=4096, workers={workers})"]
     proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=open(home / "server.log", "w"))
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -163,6 +180,7 @@ class Stats:
         self.sender: dict[str, str] = {}  # nonce -> the sender's reference
         self.received: dict[tuple[str, str], int] = {}  # (nonce, who) -> times received
         self.delivery: list[float] = []
+        self.samples: list[tuple[float, float, str]] = []  # (sent at, delivery ms, receiver) for --dump
         self.echo: list[float] = []
         self.send_ms: list[float] = []
         self.send_errors: list[str] = []
@@ -188,7 +206,9 @@ async def client(url: str, token: str, me: str, cid: str, stats: Stats, ready: a
                 key = (nonce, me)
                 stats.received[key] = stats.received.get(key, 0) + 1
                 if stats.received[key] == 1 and nonce in stats.sent_at:
-                    (stats.echo if stats.sender.get(nonce) == me else stats.delivery).append((now - stats.sent_at[nonce]) * 1000)
+                    ms = (now - stats.sent_at[nonce]) * 1000
+                    (stats.echo if stats.sender.get(nonce) == me else stats.delivery).append(ms)
+                    stats.samples.append((stats.sent_at[nonce], ms, me))
             elif kind == "error":
                 stats.errors.append(str(e)[:200])
 
@@ -264,14 +284,56 @@ async def run(args: argparse.Namespace, port: int, pairs: list[dict], server_pid
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     got = set(stats.received)
+    # What did not arrive live within the drain: reconnect as those clients do, with a cursor
+    # (0 here: everything), and see whether it arrives then. Lost = not even then.
+    late = expected - got
+    recovered = await recover(url, pairs, late) if late else set()
     out.update({
         "messages_sent": len(sent), "achieved_rate_per_s": round(len(sent) / max(0.001, out["send_seconds"]), 1),
         "send_errors": len(stats.send_errors), "send_error_samples": stats.send_errors[:3],
-        "deliveries_expected": len(expected), "delivered": len(expected & got), "lost": len(expected - got),
+        "deliveries_expected": len(expected), "delivered_live": len(expected & got), "late_then_caught_up": len(recovered),
+        "lost": len(late - recovered),
         "duplicates": sum(v - 1 for v in stats.received.values() if v > 1), "socket_errors": len(stats.errors),
         "delivery_ms": summary(stats.delivery), "echo_ms": summary(stats.echo), "send_ms": summary(stats.send_ms),
     })
+    if args.dump:
+        t0 = min((s[0] for s in stats.samples), default=0.0)
+        Path(args.dump).write_text("\n".join(f"{s[0] - t0:.3f}\t{s[1]:.1f}\t{s[2]}" for s in sorted(stats.samples)))
     return out
+
+
+async def recover(url: str, pairs: list[dict], missing: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Reconnect the clients that missed deliveries, catch up from the start of their
+    conversation, and return the missing deliveries that arrive."""
+    import websockets
+
+    by_who = {p[side]: (p[f"{side}_token"], p["conversation"]) for p in pairs for side in ("pro", "patient")}
+    wanted: dict[str, set[str]] = {}
+    for nonce, who in missing:
+        wanted.setdefault(who, set()).add(nonce)
+    found: set[tuple[str, str]] = set()
+
+    async def one(who: str) -> None:
+        token, cid = by_who[who]
+        async with websockets.connect(f"{url}?access_token={token}", max_queue=None, open_timeout=60) as ws:
+            await ws.send(json.dumps({"type": "hello", "cursors": {cid: 0}, "html": False}))
+            async for raw in ws:
+                e = json.loads(raw)
+                if e.get("type") == "ready":
+                    return
+                if e.get("type") == "message" and (e.get("texts") or [""])[0].startswith("bench "):
+                    nonce = e["texts"][0].split()[1]
+                    if nonce in wanted[who]:
+                        found.add((nonce, who))
+
+    gate = asyncio.Semaphore(50)
+
+    async def bounded(who: str) -> None:
+        async with gate:
+            await one(who)
+
+    await asyncio.gather(*(bounded(w) for w in wanted), return_exceptions=True)
+    return found
 
 
 _PAIR_OF: dict[str, dict] = {}
@@ -293,10 +355,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="messages per second")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long messages are sent")
     ap.add_argument("--drain", type=float, default=15.0, help="seconds to wait for the last deliveries")
-    ap.add_argument("--pool", type=int, default=20, help="the server's database connections")
+    ap.add_argument("--pool", type=int, default=20, help="the server's database connections (per worker)")
+    ap.add_argument("--workers", type=int, default=1, help="server worker processes on the node")
     ap.add_argument("--connect-concurrency", type=int, default=50)
     ap.add_argument("--max-seconds", type=float, default=900.0, help="the whole run, data included")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--dump", help="write (sent at, delivery ms, receiver) of every delivery to this file")
     args = ap.parse_args()
     random.seed(args.seed)
     raise_nofile()
@@ -315,7 +379,7 @@ def main() -> None:
         uri = db.start_embedded(home / "pg")
     proc = None
     started = time.time()
-    result: dict = {"benchmark": "messaging", "cpus": os.cpu_count(), "conversations": args.conversations,
+    result: dict = {"benchmark": "messaging", "cpus": os.cpu_count(), "workers": args.workers, "conversations": args.conversations,
                     "target": {"clients": 2 * args.conversations, "rate_per_s": args.rate, "p99_ms_max": 200, "lost": 0}}
     try:
         with psycopg.connect(uri, autocommit=True) as conn:
@@ -325,7 +389,7 @@ def main() -> None:
         _, pairs = asyncio.run(load(uri, args.conversations))
         result["load_seconds"] = round(time.time() - started, 1)
         port = free_port()
-        proc = start_server(uri, home, port, args.pool)
+        proc = start_server(uri, home, port, args.pool, args.workers)
 
         async def bounded() -> dict:
             async with asyncio.timeout(max(60.0, args.max_seconds - (time.time() - started))):

@@ -27,7 +27,14 @@ does not need ``../shared`` at run time.
 Options: ``--runs N``, ``--concurrency 8 32``, ``--scale F``, ``--workers W``,
 ``--wrk-seconds S``, ``--no-wrk``, ``--no-import``, ``--quick`` (1 run, scale 0.25, no
 report written unless ``--out`` is given), ``--serve-cmd`` (try another server command;
-``{parcours} {host} {port} {workers}`` are filled in).
+``{parcours} {host} {port} {workers}`` are filled in; ``PARCOURS_HTTP_SERVER=granian`` in the
+environment makes ``parcours serve`` use granian instead of uvicorn, for comparisons),
+``--report-from bench/out/<stamp>`` (write the report again from saved raw results).
+
+The machine is shared with the client: before each run the script waits (within a budget)
+for it to be idle, repeats runs during which other processes used more than 30 % of a core
+(left out of the medians when two undisturbed runs remain), and starts no new run after
+``--deadline`` seconds, so that the whole benchmark stays within about 15 minutes.
 """
 
 from __future__ import annotations
@@ -753,6 +760,7 @@ def main() -> int:
     ap.add_argument("--run-timeout", type=float, default=420.0, help="seconds allowed to one fhirbench run")
     ap.add_argument("--extra-runs", type=int, default=3, help="runs allowed to replace disturbed ones")
     ap.add_argument("--report-from", metavar="DIR", help="write the report again from bench/out/<stamp> (no new run)")
+    ap.add_argument("--note", action="append", default=[], help="a note for the report (with --report-from)")
     ap.add_argument("--time-budget", type=float, default=540.0, help="no extra run starts after this many seconds")
     ap.add_argument("--deadline", type=float, default=660.0,
                     help="no further run starts after this many seconds (once each concurrency has one)")
@@ -763,7 +771,7 @@ def main() -> int:
         args.runs, args.scale, args.wrk_seconds, args.extra_runs = 1, 0.25, 3, 0
     report_path = Path(args.out) if args.out else (None if args.quick else ROOT / "docs" / "benchmarks.md")
     if args.report_from:
-        return report_from(Path(args.report_from).resolve(), report_path)
+        return report_from(Path(args.report_from).resolve(), report_path, args.note)
     t_start = time.time()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     outdir = BENCH / "out" / stamp
@@ -910,7 +918,7 @@ def finish(raw: dict, outdir: Path, report_path: Path | None, rerendered: str | 
         log(f"wrote {report_path}")
 
 
-def report_from(outdir: Path, report_path: Path | None) -> int:
+def report_from(outdir: Path, report_path: Path | None, extra_notes: list[str] | None = None) -> int:
     """Write the report again from the raw results of an earlier run (``bench/out/<stamp>``)."""
     ctx_file = outdir / "context.json"
     if ctx_file.exists():
@@ -943,6 +951,7 @@ def report_from(outdir: Path, report_path: Path | None) -> int:
                "scale": 1.0, "workers": os.cpu_count() or 2, "wrk_seconds": 8,
                "fhirbench_sha": hashlib.sha256(FHIRBENCH.read_bytes()).hexdigest(), "serve_cmd": DEFAULT_SERVE,
                "external_version": None, "notes": [], "all_runs": all_runs}
+    raw["notes"] = list(raw.get("notes", [])) + list(extra_notes or [])
     finish(raw, outdir, report_path, rerendered=f"Report written on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC "
                                                  f"from the raw results of the run of {raw['date']} (`bench/out/{outdir.name}/`).")
     return 0

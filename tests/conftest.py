@@ -9,12 +9,15 @@ instead (and drops it at the end). Tests isolate themselves by unique data
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from email.message import Message
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,6 +25,7 @@ import httpx
 import psycopg
 import pytest
 import pytest_asyncio
+from aiosmtpd.controller import Controller
 
 from parcours.core.settings import Settings
 from parcours.security import tokens
@@ -149,3 +153,41 @@ def live_token(live_server: str, pg_uri: str) -> str:
 
 
 __all__ = ["uniq", "FIXTURES", "SHARED", "asyncio"]
+
+
+# -- a real SMTP server (aiosmtpd) for the e-mail tests ------------------------------------------------
+
+class Inbox:
+    """What the test SMTP server received, as parsed messages."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]  # noqa: N802 - aiosmtpd's name
+        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 OK"
+
+    def to(self, address: str) -> list[Message]:
+        return [m for m in self.messages if address in (m["To"] or "")]
+
+
+@pytest.fixture(scope="module")
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    """A real SMTP server on a free port for the module: (its inbox, its port)."""
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
+
+
+async def wait_for_lock_waiters(conn: psycopg.AsyncConnection, n: int, what: str = "sessions") -> None:  # type: ignore[type-arg]
+    """Wait until ``n`` sessions of this database wait on a lock (the holder is ``conn``'s)."""
+    for _ in range(2000):
+        row = await (await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")).fetchone()
+        if row is not None and row[0] >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the {what} never waited on the lock")

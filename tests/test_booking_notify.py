@@ -4,14 +4,9 @@ SMS through the dev channel, and the private iCalendar feed."""
 
 from __future__ import annotations
 
-import email
-import email.policy
-from collections.abc import Iterator
 from datetime import timedelta
 from email.message import Message
 
-import pytest
-from aiosmtpd.controller import Controller
 from icalendar import Calendar
 
 from parcours.security.caller import SYSTEM
@@ -19,32 +14,12 @@ from parcours.services.booking import feed, model, notify, service
 from parcours.store import booking as booking_store
 from tests.accounts_helpers import create_resource, new_account
 from tests.booking_helpers import define, free_slots, monday_after, new_practice
-from tests.conftest import free_port, uniq
+from tests.conftest import uniq
 
 # Words that would say why someone sees a doctor: none may leave in a message.
 CLINICAL = ("cardiolog", "douleur", "thoracique", "diabète", "consultation de suivi", "SM04")
 
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]  # noqa: N802 - aiosmtpd's name
-        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
-        return "250 OK"
-
-    def to(self, address: str) -> list[Message]:
-        return [m for m in self.messages if address in (m["To"] or "")]
-
-
-@pytest.fixture(scope="module")
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox = Inbox()
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield inbox, port
-    controller.stop()
 
 
 def parts(msg: Message) -> tuple[str, Calendar | None]:

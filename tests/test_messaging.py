@@ -350,3 +350,26 @@ async def test_a_message_is_committed_durably_even_after_a_read_in_its_transacti
         assert await setting(repo.conn) != "off"
         await repo.read("Communication", conv.conversation.id)  # a read after the write changes nothing
         assert await setting(repo.conn) != "off"
+
+
+async def test_plain_communications_through_the_fhir_api_follow_the_same_rule(platform, world: World, client) -> None:
+    """A Communication outside messaging (no category) that names recipients is seen by them:
+    writing it needs what messaging needs."""
+    w = world
+
+    def plain(sender: str, to: str) -> dict:
+        return {"resourceType": "Communication", "status": "completed", "subject": {"reference": w.patient.ref},
+                "sender": {"reference": sender}, "recipient": [{"reference": to}], "payload": [{"contentString": "Bonjour"}]}
+
+    cases = [(w.patient, plain(w.patient.ref, w.stranger.ref), 403),  # no relationship, does not accept patients
+             (w.patient, plain(w.patient.ref, w.blocked.ref), 403),  # blocked by her
+             (w.patient, plain(w.patient.ref, w.gp.ref), 201),
+             (w.stranger, plain(w.stranger.ref, w.patient.ref), 403),  # no relationship with her
+             (w.gp, plain(w.gp.ref, w.patient.ref), 201)]
+    for who, body, status in cases:
+        r = await client.post("/fhir/Communication", json=body, headers={**JSON, **who.headers(platform)})
+        assert r.status_code == status, (who.name, body["recipient"], r.text)
+    # Seen by its two participants, not by the nurse who also cares for her.
+    mid = r.json()["id"]
+    assert (await client.get(f"/fhir/Communication/{mid}", headers=w.patient.headers(platform))).status_code == 200
+    assert (await client.get(f"/fhir/Communication/{mid}", headers=w.nurse.headers(platform))).status_code == 403

@@ -10,17 +10,13 @@ but PostgreSQL. Every wait is for a condition, bounded by a timeout.
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from email.message import Message
 from typing import Any
 
 import orjson
 import pytest
 import pytest_asyncio
-from aiosmtpd.controller import Controller
 
 from parcours.core.errors import ParcoursError
 from parcours.events.bus import ChangeFeed
@@ -30,7 +26,6 @@ from parcours.services.messaging import hub as hubs
 from parcours.services.messaging import notify, service
 from parcours.services.platform import Platform
 from parcours.store import messaging as store
-from tests.conftest import free_port
 from tests.messaging_helpers import JSON, MAX, Person, World, make_world
 
 TIMEOUT = 15.0
@@ -283,26 +278,6 @@ async def test_the_websocket_protocol_over_http(live_server: str, platform, worl
 
 # -- e-mail notices ---------------------------------------------------------------------------------------
 
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]  # noqa: N802 - aiosmtpd's name
-        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
-        return "250 OK"
-
-    def to(self, address: str) -> list[Message]:
-        return [m for m in self.messages if address in (m["To"] or "")]
-
-
-@pytest.fixture(scope="module")
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox = Inbox()
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield inbox, port
-    controller.stop()
 
 
 async def test_people_offline_get_one_email_without_clinical_content(platform, client, smtp) -> None:

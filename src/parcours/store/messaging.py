@@ -25,8 +25,9 @@ come from the caller's clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 import orjson
@@ -45,9 +46,11 @@ from sqlalchemy import (
     all_,
     and_,
     any_,
+    bindparam,
     delete,
     func,
     literal,
+    or_,
     select,
     text,
     update,
@@ -70,6 +73,7 @@ conversation = Table(
     _metadata,
     Column("id", Text, primary_key=True),  # Communication id of the conversation's header
     Column("patient", Text),  # "Patient/123": the patient it is about, or with
+    Column("topic", Text, nullable=False, server_default=text("''")),  # the header's subject line
     Column("started_by", Text, nullable=False),  # the header's sender
     Column("patient_started", Boolean, nullable=False, server_default=text("false")),  # opened by the patient or a proxy
     Column("created_at", DateTime(timezone=True), nullable=False),
@@ -84,6 +88,7 @@ participant = Table(
     _metadata,
     Column("conversation_id", Text, ForeignKey("messaging_conversation.id", ondelete="CASCADE"), primary_key=True),
     Column("participant", Text, primary_key=True),  # "Practitioner/1" or "Patient/2"
+    Column("display", Text, nullable=False, server_default=text("''")),  # their name, as the header gives it
     Column("last_read_seq", BigInteger, nullable=False, server_default=text("0")),
     Column("last_read_at", DateTime(timezone=True)),
     Column("muted", Boolean, nullable=False, server_default=text("false")),
@@ -143,6 +148,50 @@ async def _one(conn: AsyncConnection, stmt: Any) -> Any:
     return rows[0] if rows else None
 
 
+@cache
+def _fixed() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The statements each message runs (sending, delivering), built and compiled once;
+    their values are bound per call."""
+    b, arr, ts = bindparam, ARRAY(Text), DateTime(timezone=True)
+    p, c, m = participant, conversation, message
+    who = select(func.array_agg(p.c.participant)).where(p.c.conversation_id == c.c.id).scalar_subquery()
+    names = select(func.array_agg(p.c.display)).where(p.c.conversation_id == c.c.id).scalar_subquery()
+    cols = (m.c.conversation_id, m.c.seq, m.c.message_id, m.c.sender, m.c.sender_participant, m.c.sent_at)
+    stmts = {
+        "get_conversation": select(c.c.id, c.c.patient, c.c.started_by, c.c.patient_started, c.c.created_at,
+                                   c.c.last_message_at, c.c.last_seq, c.c.topic, who, names).where(c.c.id == b("cid")),
+        "next_seq": update(c).where(c.c.id == b("cid")).values(
+            last_seq=c.c.last_seq + 1, last_message_at=func.greatest(c.c.last_message_at, b("now", type_=ts))
+        ).returning(c.c.last_seq),
+        "insert_message": pg_insert(m).values(conversation_id=b("cid"), seq=b("seq"), message_id=b("mid"), sender=b("sender"),
+                                              sender_participant=b("me"), sent_at=b("now", type_=ts)),
+        "read_own": update(p).where(p.c.conversation_id == b("cid"), p.c.participant == b("me")).values(
+            last_read_seq=func.greatest(p.c.last_read_seq, b("seq")), last_read_at=b("now", type_=ts)),
+        "clear_own": delete(pending).where(pending.c.conversation_id == b("cid"), pending.c.participant == b("me")),
+        "queue_notices": pg_insert(pending).from_select(
+            ["participant", "conversation_id", "first_at"],
+            select(p.c.participant, b("cid", type_=Text), b("now", type_=ts))
+            .where(p.c.conversation_id == b("cid"), p.c.participant == any_(b("notify", type_=arr)), p.c.muted.is_(False)),
+        ).on_conflict_do_nothing(),
+        "messages_by_id": select(*cols).where(m.c.message_id == any_(b("ids", type_=arr))),
+        "messages_after": select(*cols).where(m.c.conversation_id == b("cid"), m.c.seq > b("after"))
+        .order_by(m.c.seq).limit(b("limit")),
+        "participants_of": select(p.c.conversation_id, p.c.participant).where(p.c.conversation_id == any_(b("ids", type_=arr))),
+        "existing": select(c.c.id).where(c.c.id == any_(b("ids", type_=arr))),
+        # The participants of the conversations that ids name (headers) or that messages of ids belong to.
+        "participants_around": select(p.c.conversation_id, p.c.participant).where(or_(
+            p.c.conversation_id == any_(b("ids", type_=arr)),
+            p.c.conversation_id.in_(select(m.c.conversation_id).where(m.c.message_id == any_(b("ids", type_=arr)))))),
+    }
+    return {k: compile_stmt(v) for k, v in stmts.items()}
+
+
+async def _fixed_rows(conn: AsyncConnection, name: str, **values: Any) -> list[Any]:
+    sql, params = _fixed()[name]
+    cur = await conn.execute(sql, {**params, **values})
+    return list(await cur.fetchall()) if cur.description else []
+
+
 # -- conversations ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -154,39 +203,36 @@ class Conversation:
     created_at: datetime
     last_message_at: datetime
     last_seq: int
+    topic: str = ""
     participants: tuple[str, ...] = ()
-
-
-_CONV_COLS = (conversation.c.id, conversation.c.patient, conversation.c.started_by, conversation.c.patient_started,
-              conversation.c.created_at, conversation.c.last_message_at, conversation.c.last_seq)
+    names: dict[str, str] = field(default_factory=dict)  # participant -> display name
 
 
 async def open_conversation(conn: AsyncConnection, conversation_id: str, *, patient: str | None, started_by: str,
-                            patient_started: bool, participants: list[str], now: datetime) -> None:
+                            patient_started: bool, participants: list[str], now: datetime, topic: str = "",
+                            names: dict[str, str] | None = None) -> None:
     await _rows(conn, pg_insert(conversation).values(
-        id=conversation_id, patient=patient, started_by=started_by, patient_started=patient_started, created_at=now,
-        last_message_at=now, last_seq=0).on_conflict_do_nothing())
+        id=conversation_id, patient=patient, topic=topic, started_by=started_by, patient_started=patient_started,
+        created_at=now, last_message_at=now, last_seq=0).on_conflict_do_nothing())
     for who in dict.fromkeys(participants):
-        await _rows(conn, pg_insert(participant).values(conversation_id=conversation_id, participant=who)
+        await _rows(conn, pg_insert(participant).values(conversation_id=conversation_id, participant=who,
+                                                        display=(names or {}).get(who, ""))
                     .on_conflict_do_nothing())
 
 
 async def get_conversation(conn: AsyncConnection, conversation_id: str) -> Conversation | None:
-    who = (select(func.array_agg(participant.c.participant)).where(participant.c.conversation_id == conversation.c.id)
-           .scalar_subquery())
-    row = await _one(conn, select(*_CONV_COLS, who).where(conversation.c.id == conversation_id))
-    if row is None:
+    rows = await _fixed_rows(conn, "get_conversation", cid=conversation_id)
+    if not rows:
         return None
-    return Conversation(*row[:-1], participants=tuple(sorted(row[-1] or ())))
+    *head, who, names = rows[0]
+    return Conversation(*head, participants=tuple(sorted(who or ())), names=dict(zip(who or (), names or ())))
 
 
 async def next_seq(conn: AsyncConnection, conversation_id: str, now: datetime) -> int | None:
     """The next message number of a conversation; its row stays locked until the caller's
     transaction ends (messages are numbered in commit order). None: no such conversation."""
-    row = await _one(conn, update(conversation).where(conversation.c.id == conversation_id)
-                     .values(last_seq=conversation.c.last_seq + 1, last_message_at=func.greatest(conversation.c.last_message_at, now))
-                     .returning(conversation.c.last_seq))
-    return int(row[0]) if row else None
+    rows = await _fixed_rows(conn, "next_seq", cid=conversation_id, now=now)
+    return int(rows[0][0]) if rows else None
 
 
 async def add_message(conn: AsyncConnection, conversation_id: str, message_id: str, *, sender: str,
@@ -197,21 +243,13 @@ async def add_message(conn: AsyncConnection, conversation_id: str, message_id: s
     seq = await next_seq(conn, conversation_id, sent_at)
     if seq is None:
         return None
-    p = participant
+    values = {"cid": conversation_id, "seq": seq, "mid": message_id, "sender": sender, "me": sender_participant, "now": sent_at}
     async with conn.pipeline():
-        await _rows(conn, pg_insert(message).values(conversation_id=conversation_id, seq=seq, message_id=message_id,
-                                                    sender=sender, sender_participant=sender_participant, sent_at=sent_at))
-        # The sender has read what they wrote.
-        await _rows(conn, update(p).where(p.c.conversation_id == conversation_id, p.c.participant == sender_participant)
-                    .values(last_read_seq=func.greatest(p.c.last_read_seq, seq), last_read_at=sent_at))
-        await _rows(conn, delete(pending).where(pending.c.conversation_id == conversation_id,
-                                                pending.c.participant == sender_participant))
+        await _fixed_rows(conn, "insert_message", **values)
+        await _fixed_rows(conn, "read_own", **values)  # the sender has read what they wrote
+        await _fixed_rows(conn, "clear_own", **values)
         if notify:
-            await _rows(conn, pg_insert(pending).from_select(
-                ["participant", "conversation_id", "first_at"],
-                select(p.c.participant, literal(conversation_id), literal(sent_at, DateTime(timezone=True)))
-                .where(p.c.conversation_id == conversation_id, p.c.participant == any_(_arr(notify)), p.c.muted.is_(False)),
-            ).on_conflict_do_nothing())
+            await _fixed_rows(conn, "queue_notices", **values, notify=sorted(notify))
     return seq
 
 
@@ -232,14 +270,11 @@ _MSG_COLS = (message.c.conversation_id, message.c.seq, message.c.message_id, mes
 async def messages_by_id(conn: AsyncConnection, message_ids: list[str]) -> list[MessageRow]:
     if not message_ids:
         return []
-    rows = await _rows(conn, select(*_MSG_COLS).where(message.c.message_id == any_(_arr(message_ids))))
-    return [MessageRow(*r) for r in rows]
+    return [MessageRow(*r) for r in await _fixed_rows(conn, "messages_by_id", ids=sorted(set(message_ids)))]
 
 
 async def messages_after(conn: AsyncConnection, conversation_id: str, after: int, limit: int) -> list[MessageRow]:
-    rows = await _rows(conn, select(*_MSG_COLS).where(message.c.conversation_id == conversation_id, message.c.seq > after)
-                       .order_by(message.c.seq).limit(limit))
-    return [MessageRow(*r) for r in rows]
+    return [MessageRow(*r) for r in await _fixed_rows(conn, "messages_after", cid=conversation_id, after=after, limit=limit)]
 
 
 async def latest_messages(conn: AsyncConnection, conversation_id: str, limit: int) -> list[MessageRow]:
@@ -251,18 +286,36 @@ async def latest_messages(conn: AsyncConnection, conversation_id: str, limit: in
 async def participants_of(conn: AsyncConnection, conversation_ids: list[str]) -> dict[str, set[str]]:
     if not conversation_ids:
         return {}
-    rows = await _rows(conn, select(participant.c.conversation_id, participant.c.participant)
-                       .where(participant.c.conversation_id == any_(_arr(conversation_ids))))
+    rows = await _fixed_rows(conn, "participants_of", ids=sorted(set(conversation_ids)))
     out: dict[str, set[str]] = {}
     for cid, who in rows:
         out.setdefault(cid, set()).add(who)
     return out
 
 
+async def changed(conn: AsyncConnection, ids: list[str]) -> tuple[list[MessageRow], set[str], dict[str, set[str]]]:
+    """For Communications that changed: the messages among them, the conversation headers
+    among them, and the participants of both. One round trip (a pipeline)."""
+    values = {"ids": sorted(set(ids))}
+    async with conn.pipeline():
+        sql, params = _fixed()["messages_by_id"]
+        msgs = await conn.execute(sql, {**params, **values})
+        sql, params = _fixed()["existing"]
+        heads = await conn.execute(sql, {**params, **values})
+        sql, params = _fixed()["participants_around"]
+        parts = await conn.execute(sql, {**params, **values})
+        rows = [MessageRow(*r) for r in await msgs.fetchall()]
+        headers = {r[0] for r in await heads.fetchall()}
+        who: dict[str, set[str]] = {}
+        for cid, ref in await parts.fetchall():
+            who.setdefault(cid, set()).add(ref)
+    return rows, headers, who
+
+
 async def existing_conversations(conn: AsyncConnection, ids: list[str]) -> set[str]:
     if not ids:
         return set()
-    return {r[0] for r in await _rows(conn, select(conversation.c.id).where(conversation.c.id == any_(_arr(ids))))}
+    return {r[0] for r in await _fixed_rows(conn, "existing", ids=sorted(set(ids)))}
 
 
 # -- what each participant sees ----------------------------------------------------------------
@@ -392,13 +445,18 @@ async def set_mailed(conn: AsyncConnection, who: str, now: datetime) -> None:
 # -- presence --------------------------------------------------------------------------------------
 
 async def set_presence(conn: AsyncConnection, node: str, counts: dict[str, int], now: datetime) -> None:
-    """This process's live sockets per account (accounts no longer connected here are dropped)."""
+    """This process's live sockets per account (accounts no longer connected here are dropped).
+    Two statements whatever the number of accounts."""
     await _rows(conn, delete(presence).where(presence.c.node == node,
                                              presence.c.account_id != all_(_arr(list(counts)))))
-    for account_id, n in counts.items():
-        await _rows(conn, pg_insert(presence).values(account_id=account_id, node=node, connections=n, seen_at=now)
-                    .on_conflict_do_update(index_elements=[presence.c.account_id, presence.c.node],
-                                           set_={"connections": n, "seen_at": now}))
+    if not counts:
+        return
+    ids = list(counts)
+    await conn.execute(
+        "INSERT INTO messaging_presence (account_id, node, connections, seen_at) "
+        "SELECT a, %(node)s, n, %(now)s FROM unnest(%(ids)s::text[], %(ns)s::int[]) AS u(a, n) "
+        "ON CONFLICT (account_id, node) DO UPDATE SET connections = excluded.connections, seen_at = excluded.seen_at",
+        {"node": node, "now": now, "ids": ids, "ns": [counts[i] for i in ids]})
 
 
 async def clear_presence(conn: AsyncConnection, node: str) -> None:

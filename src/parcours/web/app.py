@@ -28,7 +28,11 @@ from parcours.web import messaging_pages, messaging_ws
 from parcours.services.messaging import hub as messaging_hub
 from parcours.services.messaging import notify as messaging_notify
 from parcours.web import telehealth_api, telehealth_pages, telehealth_ws
+from parcours.web import expertise_pages
+from parcours.web import stroke_pages
 from parcours.services.telehealth.signaling import Signaling
+from parcours.services.telehealth import expertise_reminders
+from parcours.services.telehealth import stroke_jobs
 from parcours.web.fhir_render import error_response
 
 log = logging.getLogger(__name__)
@@ -52,9 +56,15 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
         app.state.messaging = await messaging_hub.Hub.start(app.state.platform, app.state.events.feed)  # live messages
         stop_messaging = messaging_notify.start_in_background(  # e-mail notices of unread messages, retention
             app.state.platform, booking_api.notifier_of(app, app.state.platform).email)
+        stop_expertise = expertise_reminders.start_in_background(  # due-date reminders of tele-expertise requests
+            app.state.platform, booking_api.notifier_of(app, app.state.platform).email)
+        stop_stroke = stroke_jobs.start_in_background(  # tele-stroke escalations, e-mail and SMS alerts
+            app.state.platform, booking_api.notifier_of(app, app.state.platform))
         try:
             yield
         finally:
+            await stop_stroke()
+            await stop_expertise()
             await stop_messaging()
             await app.state.messaging.close()
             await stop_record()
@@ -86,6 +96,8 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     app.router.routes.append(telehealth_ws.route)  # signaling of the consultation rooms
     telehealth_pages.install(app)  # teleconsultation: list, device check, room, report
     telehealth_api.install(app)  # tele-expertise requests, workflow, opinions, threads
+    expertise_pages.install(app)  # tele-expertise pages: requester and expert
+    stroke_pages.install(app)  # tele-stroke: rosters, urgent requests, alerts (live socket), timeline
     app.router.routes.append(messaging_ws.route)  # live messages: /messages/ws
     messaging_pages.install(app)  # secure messaging: inbox, conversations, new conversation, /api/messaging
 

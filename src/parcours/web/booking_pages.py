@@ -308,6 +308,7 @@ async def my_appointments(request: Request) -> Response:
             if appt.get("status") == "waitlist":
                 waiting.append(item)
             elif (model.appointment_start(appt) or now) >= now and appt.get("status") == "booked":
+                item.update(await _cancel_window(repo, appt, now))
                 upcoming.append(item)
             else:
                 past.append(item)
@@ -320,6 +321,27 @@ async def my_appointments(request: Request) -> Response:
     return _page(request, "booking_mine.html", upcoming=upcoming, past=past[:20], waiting=waiting, has_feed=has_feed,
                  feed_url=request.query_params.get("feed") if request.query_params.get("done") == "feed_created" else None,
                  notice=_notice(request), current="appointments", several=len(names) > 1, now=model.iso(now))
+
+
+async def _cancel_window(repo, appt: dict, now) -> dict:  # type: ignore[no-untyped-def]
+    """Whether a patient may still cancel or move ``appt`` online: the booking rule refuses it
+    later than the agenda's ``cancelHours`` before the start (``rules._check_deadline``), so the
+    page shows the deadline instead of a button that would be refused."""
+    start = model.appointment_start(appt)
+    policy = model.Policy()
+    slot_ref = next((r.get("reference") for r in appt.get("slot") or [] if (r.get("reference") or "").startswith("Slot/")), None)
+    if slot_ref:
+        try:
+            slot = (await repo.read("Slot", slot_ref.split("/", 1)[1])).resource()
+            sched_id = model.slot_schedule(slot)
+            if sched_id:
+                policy = model.read_availability((await repo.read("Schedule", sched_id)).resource()).policy
+        except ParcoursError:
+            pass
+    if start is None:
+        return {"can_cancel": True}
+    until = start - timedelta(hours=policy.cancel_hours)
+    return {"can_cancel": now < until, "cancel_hours": policy.cancel_hours, "cancel_until": model.iso(until)}
 
 
 async def _appointment_view(repo, appt: dict, names: dict[str, str]) -> dict:  # type: ignore[no-untyped-def]

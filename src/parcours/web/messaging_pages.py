@@ -217,7 +217,8 @@ def _conversation_page(space: str):  # type: ignore[no-untyped-def]
         messages = []
         for m in view.messages:
             readers = [view.names.get(p, p) for p in others if view.read_marks.get(p, 0) >= m.seq and p != m.sender]
-            messages.append(message_context(m, me=view.me, prefix=PREFIX[space], lang=lang, can_file=can_file, readers=readers))
+            messages.append(message_context(m, me=[caller.fhir_user or ""], prefix=PREFIX[space], lang=lang, can_file=can_file,
+                                            readers=readers))
         return render(request, "messaging_conversation.html", view=view, messages=messages, prefix=PREFIX[space],
                       names_json=json.dumps({p: view.names.get(p, p) for p in view.participants}),
                       me_json=json.dumps(view.me), marks_json=json.dumps(view.read_marks), others=others,
@@ -240,7 +241,6 @@ def _send_submit(space: str):  # type: ignore[no-untyped-def]
                 stored = await service.send(repo, cid, text=str(form.get("text") or ""), uploads=uploads,
                                             in_reply_to=str(form.get("in_reply_to") or "") or None,
                                             max_attachment_bytes=_max(request))
-                mine = await service.me(repo)
                 row = (await store.messages_by_id(repo.conn, [stored.id]))[0]
         except ParcoursError as e:
             if not htmx:
@@ -249,7 +249,7 @@ def _send_submit(space: str):  # type: ignore[no-untyped-def]
             return PlainTextResponse(e.message, e.status, headers={"X-Content-Type-Options": "nosniff"})
         if htmx:
             view = service.view_of(row, stored.resource())
-            ctx = message_context(view, me=mine, prefix=PREFIX[space], lang=_lang(request),
+            ctx = message_context(view, me=[caller.fhir_user or ""], prefix=PREFIX[space], lang=_lang(request),
                                   can_file=caller.kind == "practitioner" and bool(model.subject(stored.resource())))
             return render(request, "_message.html", **ctx)
         return redirect(f"{PREFIX[space]}/{cid}#msg-{stored.id}")
@@ -375,7 +375,8 @@ async def api_start(request: Request) -> Response:
     body = await _body(request)
     async with platform_of(request).transaction(caller_of(request)) as repo:
         started = await service.start_conversation(repo, to=[str(x) for x in body.get("to") or []], topic=str(body.get("topic") or ""),
-                                                   text=str(body.get("text") or ""), about=body.get("about"),
+                                                   text=str(body.get("text") or ""),
+                                                   about=str(body["about"]) if body.get("about") else None,
                                                    max_attachment_bytes=_max(request))
     return JSONResponse({"id": started.conversation.id, "message": started.message.id if started.message else None}, 201)
 
@@ -385,7 +386,8 @@ async def api_send(request: Request) -> Response:
     body = await _body(request)
     cid = request.path_params["cid"]
     async with platform_of(request).transaction(caller_of(request)) as repo:
-        stored = await service.send(repo, cid, text=str(body.get("text") or ""), in_reply_to=body.get("in_reply_to"),
+        stored = await service.send(repo, cid, text=str(body.get("text") or ""),
+                                    in_reply_to=str(body["in_reply_to"]) if body.get("in_reply_to") else None,
                                     max_attachment_bytes=_max(request))
         row = (await store.messages_by_id(repo.conn, [stored.id]))[0]
     return JSONResponse({"id": stored.id, "conversation": cid, "seq": row.seq, "sent": stored.resource().get("sent")}, 201)
@@ -394,8 +396,11 @@ async def api_send(request: Request) -> Response:
 @_json_errors
 async def api_read(request: Request) -> Response:
     body = await _body(request)
+    seq = body.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise BadRequest("seq must be a message number")
     async with platform_of(request).transaction(caller_of(request)) as repo:
-        mark = await service.mark_read(repo, request.path_params["cid"], int(body.get("seq") or 0))
+        mark = await service.mark_read(repo, request.path_params["cid"], seq)
     return JSONResponse({"read": mark})
 
 

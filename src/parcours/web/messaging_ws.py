@@ -74,7 +74,7 @@ class SocketClient:
         self._session_id = session_id
         self.lang = lang
         self.html = False
-        self.me: list[str] = []
+        self.me: list[str] = [caller.fhir_user or ""]  # whose messages are theirs ("mine")
         self._queue: asyncio.Queue[str | None] = asyncio.Queue(QUEUE)
         self._writer = asyncio.create_task(self._write(), name="parcours-messaging-socket")
         self.closed = False
@@ -188,8 +188,8 @@ async def messaging_ws(ws: WebSocket) -> None:
         await ws.close(TRY_AGAIN_LATER, "Messaging is not running in this server process")
         return
     try:
-        sock.me = await hub.attach(sock)
-        await sock.deliver({"type": "welcome", "me": sock.me})
+        participant = await hub.attach(sock)
+        await sock.deliver({"type": "welcome", "me": participant})
         while True:
             try:
                 msg = orjson.loads(await ws.receive_text())

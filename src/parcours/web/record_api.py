@@ -59,6 +59,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def upload_from(request: Request) -> tuple[bytes, str | None, dict[str, str]]:
     """The uploaded file, its name and the metadata fields, from a multipart form or a raw body."""
     settings = platform_of(request).settings
+    # Who it is first: nobody unauthenticated gets to make us read 20 MiB.
+    if "authorization" in request.headers:
+        caller_of(request)
+    else:
+        signed_in(request)
     await read_body(request, settings.record_max_upload_bytes + FORM_OVERHEAD)
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
@@ -78,6 +83,17 @@ async def upload_from(request: Request) -> tuple[bytes, str | None, dict[str, st
     if len(data) > settings.record_max_upload_bytes:
         raise TooLarge(f"The file is larger than the limit of {settings.record_max_upload_bytes // 1024} KiB")
     return data, request.query_params.get("filename"), dict(request.query_params)
+
+
+def signed_in(request: Request) -> None:
+    """A fully signed-in session, checked before a form's body (and its CSRF token) is read."""
+    from parcours.core.errors import Unauthorized
+    from parcours.store.sessions import FULL
+    from parcours.web.session import active_session
+
+    active = active_session(request)
+    if active is None or active.session.stage != FULL:
+        raise Unauthorized("Sign in to add a document")
 
 
 def new_document(patient_id: str, data: bytes, filename: str | None, fields: dict[str, str]) -> documents.NewDocument:

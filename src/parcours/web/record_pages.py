@@ -26,7 +26,7 @@ from parcours.store import records as record_store
 from parcours.web import navigation
 from parcours.web.auth import caller_of
 from parcours.web.pages import language, page, platform_of, redirect, render, require_full, require_space, safe_next
-from parcours.web.record_api import FORM_OVERHEAD, content_response, new_document, parse_day, read_body
+from parcours.web.record_api import FORM_OVERHEAD, content_response, new_document, parse_day, read_body, signed_in
 from parcours.web.session import active_session, require_csrf
 
 NOTICES = frozenset({"uploaded", "duplicate", "hidden", "shown", "retracted", "erased", "assigned", "rejected", "replaced"})
@@ -50,7 +50,7 @@ def _fmt_date(value: str | date | None, lang: str) -> str:
     if not value:
         return ""
     if isinstance(value, str):
-        value = timeline._day(value) or value  # type: ignore[assignment]
+        value = timeline.day_of(value) or value  # type: ignore[assignment]
         if isinstance(value, str):
             return value
     months = ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre", "novembre",
@@ -88,9 +88,8 @@ async def _context(request: Request, repo, pid: str, tab: str) -> dict[str, Any]
     portal = _space(request) == navigation.PORTAL
     lang = language(request)
     base = _base(request, pid)
-    suffix = "" if portal else ""
     return {"patient": patient, "patient_name": _name(patient), "pid": pid, "tab": tab, "portal": portal, "base": base,
-            "tabs": [("documents", base + suffix), ("results", base + "/results"), ("timeline", base + "/timeline")],
+            "tabs": [("documents", base), ("results", base + "/results"), ("timeline", base + "/timeline")],
             "summary_url": f"/record/{pid}/summary.pdf?lang={lang}", "fmt_date": lambda v: _fmt_date(v, lang), "lang": lang,
             "current": "records" if portal else "patients", "head": HEAD}
 
@@ -156,6 +155,7 @@ async def documents_page(request: Request) -> Response:
 @page
 async def upload_submit(request: Request) -> Response:
     platform = platform_of(request)
+    signed_in(request)  # before reading what may be 20 MiB
     await read_body(request, platform.settings.record_max_upload_bytes + FORM_OVERHEAD)
     form = await require_csrf(request)
     require_full(request)
@@ -310,11 +310,11 @@ async def item_page(request: Request) -> Response:
                 except (Forbidden, NotFound):
                     continue
     lang = ctx["lang"]
-    title, detail = timeline._title_of(rtype, res)
+    title, detail = timeline.title_of(rtype, res)
     facts = _facts(rtype, res, lang)
     doc = _doc_view(res, lang, caller.fhir_user) if rtype == "DocumentReference" else None
     return render(request, "record_item.html", rtype=rtype, res=res, title=title or rtype, detail=detail, facts=facts, doc=doc,
-                  linked=[{"title": timeline._title_of("Observation", o)[0], "value": timeline._title_of("Observation", o)[1],
+                  linked=[{"title": timeline.title_of("Observation", o)[0], "value": timeline.title_of("Observation", o)[1],
                            "range": ((o.get("referenceRange") or [{}])[0]).get("text", ""),
                            "flag": (((o.get("interpretation") or [{}])[0].get("coding") or [{}])[0]).get("code", "")}
                           for o in linked], category=timeline.CATEGORY_OF[rtype], **ctx)
@@ -322,7 +322,7 @@ async def item_page(request: Request) -> Response:
 
 def _facts(rtype: str, r: dict, lang: str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
-    when = timeline._when_of(rtype, r)
+    when = timeline.when_of(rtype, r)
     if when:
         out.append(("record.item.when", _fmt_date(when, lang) + (f" {when[11:16]}" if "T" in when else "")))
     if r.get("status"):

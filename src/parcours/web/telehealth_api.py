@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from parcours.core.errors import MalformedJson, ParcoursError, Unprocessable
+from parcours.services.records import uploads
 from parcours.services.telehealth import expertise
 from parcours.web.auth import caller_of
 from parcours.web.fhir_render import error_response
@@ -57,9 +58,14 @@ async def create(request: Request) -> Response:
                  for a in b.get("attachments") or []]
     except (ValueError, KeyError, TypeError, binascii.Error) as e:
         raise Unprocessable(f"Invalid request: {e}") from e
+    # The same checks as the record's uploads (real type sniffed, size, active content): the type sent is not trusted.
+    files = [expertise.Attachment(uploads.inspect(a.data, None, max_bytes=p.settings.record_max_upload_bytes).content_type,
+                                  a.title, a.data) for a in files]
     async with p.transaction(caller) as repo:
         task = await expertise.request_opinion(
-            repo, patient=str(b.get("patient") or ""), expert=str(b.get("expert") or ""), question=str(b.get("question") or ""),
+            repo, patient=str(b.get("patient") or ""), expert=str(b.get("expert") or "") or None,
+            specialty=str(b.get("specialty") or "") or None, organization=str(b.get("organization") or "") or None,
+            question=str(b.get("question") or ""),
             priority=str(b.get("priority") or "routine"), due=due, consent=b.get("consent") is True, now=p.clock.now(),
             attachments=files)
     return JSONResponse({"task": task}, 201)
@@ -80,7 +86,10 @@ async def give_opinion(request: Request) -> Response:
     b = await _body(request)
     p = request.app.state.platform
     async with p.transaction(caller_of(request)) as repo:
-        doc = await expertise.answer(repo, request.path_params["task_id"], str(b.get("opinion") or ""), p.clock.now())
+        opinion = expertise.Opinion(
+            conclusion=str(b.get("conclusion") or b.get("opinion") or ""), recommendations=str(b.get("recommendations") or ""),
+            consultation_needed=b.get("consultationNeeded") is True, follow_up=str(b.get("followUp") or ""))
+        doc = await expertise.answer(repo, request.path_params["task_id"], opinion, p.clock.now())
     return JSONResponse({"opinion": f"DocumentReference/{doc}"}, 201)
 
 

@@ -1,17 +1,22 @@
-"""Booking's ``SlotsHook`` for the directory search: the next free slots of each role on the page."""
+"""Booking's ``SlotsHook`` for the directory search: the next free slots of each role on the page.
+
+The roles' Schedules are found with a FHIR search through the caller's Repository (its
+policy applies); their next free slots come from ``booking_free_slot`` (revision
+``0014_booking_search``): one btree range scan per schedule, ``ORDER BY start LIMIT 3``,
+whatever the size of the directory or the length of the horizon. It holds exactly the
+Slots a ``Slot?schedule=...&status=free&start=ge<now>&_sort=start`` search returns.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import orjson
 
 from parcours.services.booking import model
 from parcours.services.directory.search import DirectoryHit
+from parcours.store import booking as store
 from parcours.store.repository import Repository
 
 PER_ROLE = 3
-# Windows tried in turn (days ahead): most roles of a page fill up with today's or this
-# week's slots in one query for the whole page; only the others are asked again, further ahead.
-WINDOWS = (1, 7, 62)
 
 
 class NextSlots:
@@ -23,32 +28,20 @@ class NextSlots:
     async def __call__(self, repo: Repository, hits: list[DirectoryHit]) -> None:
         if not hits:
             return
+        repo.authorize("search", "Slot")  # Slots are read below without the search engine
         now = repo.clock.now()
-        found: dict[str, list[dict]] = {h.role.id: [] for h in hits}
+        found: dict[str, list[tuple[str, str, dict]]] = {h.role.id: [] for h in hits}
         scheds = await repo.search(repo.parse_search("Schedule", [
             ("actor", ",".join(f"PractitionerRole/{r}" for r in found)), ("active", "true"), ("_count", "500")]))
         role_of = {s.id: model.actor_id(s.resource(), "PractitionerRole") for s in scheds.matches}
-        pending = sorted({r for r in role_of.values() if r in found})
-        for days in WINDOWS:
-            if not pending:
-                break
-            res = await repo.search(repo.parse_search("Slot", [
-                ("schedule", ",".join(f"Schedule/{sid}" for sid, r in role_of.items() if r in pending)), ("status", "free"),
-                ("start", f"ge{model.iso(now)}"), ("start", f"lt{model.iso(now + timedelta(days=days))}"),
-                ("_sort", "start"), ("_count", str(min(1000, 40 * len(pending))))]))
-            got: dict[str, list[dict]] = {r: [] for r in pending}
-            for s in res.matches:
-                slot = s.resource()
-                role = role_of.get(model.slot_schedule(slot) or "")
-                if role in got and len(got[role]) < self.per_role:
-                    visit = model.slot_visit(slot)
-                    got[role].append({"id": s.id, "start": slot["start"], "end": slot["end"], "offer": visit.offer,
-                                      "mode": visit.mode})
-            for role, slots in got.items():
-                found[role] = slots
-            pending = [r for r in pending if len(found[r]) < self.per_role]
+        role_of = {sid: r for sid, r in role_of.items() if r in found}
+        for sched_id, slot_id, content in await store.next_free_slots(repo.conn, list(role_of), now, self.per_role):
+            slot = orjson.loads(content)
+            found[role_of[sched_id]].append((slot["start"], slot_id, slot))
         for h in hits:
-            h.next_slots = found[h.role.id]
+            best = sorted(found[h.role.id], key=lambda x: (model.slot_start(x[2]), x[1]))[: self.per_role]
+            h.next_slots = [{"id": sid, "start": slot["start"], "end": slot["end"], "offer": model.slot_visit(slot).offer,
+                             "mode": model.slot_visit(slot).mode} for _, sid, slot in best]
 
 
 __all__ = ["NextSlots"]

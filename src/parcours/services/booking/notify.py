@@ -29,8 +29,15 @@ from icalendar import Calendar, Event, vCalAddress, vText
 from parcours.core.errors import Gone, NotFound
 from parcours.core.settings import Settings
 from parcours.security.caller import PLATFORM
+from parcours.services import jobs
 from parcours.services.booking import model, waitlist
-from parcours.services.booking.rules import CANCELLATION, CONFIRMATION, OFFER, OFFER_EXPIRY, REMINDER
+from parcours.services.booking.rules import (
+    CANCELLATION,
+    CONFIRMATION,
+    OFFER,
+    OFFER_EXPIRY,
+    REMINDER,
+)
 from parcours.services.directory import model as directory
 from parcours.services.platform import Platform
 from parcours.store import accounts as account_store
@@ -362,38 +369,20 @@ async def run_due(platform: Platform, notifier: Notifier, *, now: datetime | Non
 
 def start_in_background(platform: Platform, notifier: Notifier) -> Callable[[], Awaitable[None]]:
     """Run due notification jobs every few seconds in this process; returns the stopper."""
-    if not platform.settings.booking_jobs_worker:
-        async def nothing() -> None:
-            return None
-        return nothing
+    from parcours.services.booking import generation
 
-    async def loop() -> None:
-        from parcours.services.booking import generation
+    next_roll = platform.clock.now()
 
-        next_roll = platform.clock.now()
-        while True:
-            try:
-                await run_due(platform, notifier)
-                if platform.clock.now() >= next_roll:
-                    # The rolling horizon: schedules get their next days of slots.
-                    if await generation.roll(platform) < 200:
-                        next_roll = platform.clock.now() + timedelta(hours=1)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the loop must survive a database hiccup
-                log.exception("Booking notification runner failed; retrying")
-            await asyncio.sleep(platform.settings.booking_jobs_poll_seconds)
+    async def round_() -> None:
+        nonlocal next_roll
+        await run_due(platform, notifier)
+        if platform.clock.now() >= next_roll:
+            # The rolling horizon: schedules get their next days of slots.
+            if await generation.roll(platform) < 200:
+                next_roll = platform.clock.now() + timedelta(hours=1)
 
-    task = asyncio.create_task(loop(), name="booking-notifications")
-
-    async def stop() -> None:
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001
-            pass
-
-    return stop
+    return jobs.every(lambda: platform.settings.booking_jobs_poll_seconds, round_, name="booking-notifications",
+                      enabled=platform.settings.booking_jobs_worker, log=log)
 
 
 __all__ = ["EmailChannel", "LoggingEmail", "LoggingSms", "Notifier", "SmsChannel", "SmtpEmail", "email_message", "invitation",

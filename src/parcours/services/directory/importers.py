@@ -244,7 +244,7 @@ def _clean(res: dict) -> dict:
         out["meta"] = meta
     else:
         out.pop("meta", None)
-    return out
+    return model.flag_tags(out)  # the search criteria kept in extensions, as tags
 
 
 def _rewrite(node: object, ref_map: dict[str, str]) -> object:

@@ -62,6 +62,12 @@ SERVICE_ID_SYSTEM = f"{PARCOURS}/NamingSystem/healthcare-service"
 ROLE_ID_SYSTEM = f"{PARCOURS}/NamingSystem/practitioner-role"
 ORGANIZATION_ID_SYSTEM = f"{PARCOURS}/NamingSystem/organization"
 DATASET_TAG_SYSTEM = f"{PARCOURS}/CodeSystem/dataset"
+# The two criteria that live in extensions are mirrored as ``meta.tag`` codes, so that the
+# search engine (``_tag``, GIN-indexed tokens) filters them in SQL: ``accepting-new-patients``
+# on the PractitionerRole, ``wheelchair`` on the Location. ``flag_tags`` keeps them in step.
+FLAG_TAG_SYSTEM = f"{PARCOURS}/CodeSystem/directory-flag"
+FLAG_NEW_PATIENTS = "accepting-new-patients"
+FLAG_WHEELCHAIR = "wheelchair"
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -184,7 +190,7 @@ def location(*, key: str, name: str, line: str, commune: Commune, lat: float, lo
         res["telecom"] = [{"system": "phone", "value": phone, "use": "work"}]
     if not dataset:
         del res["meta"]
-    return res
+    return flag_tags(res)
 
 
 def healthcare_service(*, key: str, offer: str, name: str, organization_ref: str, location_refs: list[str],
@@ -259,6 +265,31 @@ def practitioner_role(*, key: str, practitioner_ref: str, organization_ref: str,
         del res["healthcareService"]
     if not dataset:
         del res["meta"]
+    return flag_tags(res)
+
+
+def flag_tags(res: dict) -> dict:
+    """Set (or remove) the ``FLAG_TAG_SYSTEM`` tags of a PractitionerRole or Location from its
+    extensions; other resources are returned unchanged. Modifies and returns ``res``."""
+    rtype = res.get("resourceType")
+    if rtype == "PractitionerRole":
+        code, on = FLAG_NEW_PATIENTS, accepts_new_patients(res) is True
+    elif rtype == "Location":
+        code, on = FLAG_WHEELCHAIR, wheelchair_accessible(res)
+    else:
+        return res
+    meta = dict(res.get("meta") or {})
+    tags = [t for t in meta.get("tag") or [] if not (t.get("system") == FLAG_TAG_SYSTEM and t.get("code") == code)]
+    if on:
+        tags.append({"system": FLAG_TAG_SYSTEM, "code": code})
+    if tags:
+        meta["tag"] = tags
+    else:
+        meta.pop("tag", None)
+    if meta:
+        res["meta"] = meta
+    else:
+        res.pop("meta", None)
     return res
 
 
@@ -346,8 +377,14 @@ def address_text(addr: dict | None) -> str:
 
 
 def luhn_ok(number: str) -> bool:
+    """Luhn check. Corsica's FINESS numbers start with its département, ``2A`` or ``2B``:
+    the letter counts as 0 in the key (as ``20``), so a number like ``2A0001234`` checks."""
     total = 0
-    for i, ch in enumerate(reversed(number)):
+    for i, ch in enumerate(reversed(number.upper())):
+        if ch in "AB":
+            ch = "0"
+        if not ch.isdigit():
+            return False
         d = int(ch)
         if i % 2 == 1:
             d *= 2
@@ -366,7 +403,7 @@ def with_luhn(prefix: str) -> str:
 
 
 __all__ = [
-    "ACCEPTING_NEW_PATIENTS", "DATASET_TAG_SYSTEM", "DAYS", "FINESS_SYSTEM", "IDNPS_SYSTEM", "IDNST_SYSTEM",
+    "ACCEPTING_NEW_PATIENTS", "DATASET_TAG_SYSTEM", "FLAG_NEW_PATIENTS", "FLAG_TAG_SYSTEM", "FLAG_WHEELCHAIR", "flag_tags", "DAYS", "FINESS_SYSTEM", "IDNPS_SYSTEM", "IDNST_SYSTEM",
     "LOCATION_CHARACTERISTIC", "LOCATION_ID_SYSTEM", "ORGANIZATION_ID_SYSTEM", "ROLE_ID_SYSTEM", "ROLE_SYSTEMS",
     "RPPS_SYSTEM", "SERVICE_ID_SYSTEM", "accepts_new_patients", "address", "address_text", "display_name",
     "healthcare_service", "languages", "location", "opening_hours", "organization", "position", "practitioner",

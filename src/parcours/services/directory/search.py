@@ -2,16 +2,19 @@
 
 Built on the FHIR search engine through the caller's Repository, nothing else:
 
-1. ``Location?near=lat|lon|radius|km`` pages through places by distance (the
-   store answers it with a bounding box on an index, then the great-circle
-   test, sorted nearest first);
+1. places nearest first, in pages growing from 32 places: their ids from the
+   spatial index (``store.geo``: a KNN scan of a GiST index bounded by the
+   radius, only the page's rows touched), then ``Location?_id=<those>&status=active``
+   through the Repository (criteria and policy). Same places, same order as
+   ``Location?near=lat|lon|radius|km`` (which sorts the whole radius);
 2. for each page, ``PractitionerRole?location=<those places>`` with the
    searchable criteria: ``role`` (profession, TRE_G15), ``specialty`` (TRE_R38),
    ``service.service-type`` (care offers), ``practitioner.communication``
    (language), ``_include`` of practitioner, organization and services;
-3. two criteria live in extensions the search engine does not index (accepts
-   new patients on the role, wheelchair access on the place): they are
-   checked here on the page's resources.
+3. the two criteria that live in extensions (accepts new patients on the role,
+   wheelchair access on the place) are mirrored as ``meta.tag`` codes by
+   ``model.flag_tags``, so they are ``_tag`` criteria of the same SQL searches
+   (paging and limits stay exact).
 
 Pages go outwards until the requested window is filled, so the answer is in
 distance order without loading everything in the radius. Next free slots are
@@ -34,10 +37,15 @@ from parcours.services.directory.nomenclatures import (
     SPECIALTY_SYSTEM,
     nomenclatures,
 )
+from parcours.store import geo
 from parcours.store.repository import Repository, Stored
 
 MAX_RADIUS_KM = 200.0
-LOCATION_PAGE = 200
+# Places are read nearest first in pages that grow (x4) until the window is full: most
+# searches are answered from the first page (a place has about 1.5 roles), so only the
+# roles of the nearest few dozen places are read with their practitioners and services.
+FIRST_LOCATION_PAGE = 32
+LOCATION_PAGE = 512  # largest page
 MAX_LIMIT = 100
 
 
@@ -168,6 +176,8 @@ def role_criteria(q: DirectoryQuery) -> list[tuple[str, str]]:
         items.append(("service.service-type", f"{CARE_OFFER_SYSTEM}|{o}"))
     if q.language:
         items.append(("practitioner.communication", q.language))
+    if q.accepts_new_patients:
+        items.append(("_tag", f"{model.FLAG_TAG_SYSTEM}|{model.FLAG_NEW_PATIENTS}"))
     if q.dataset:
         items.append(("_tag", f"{model.DATASET_TAG_SYSTEM}|{q.dataset}"))
     return items
@@ -181,24 +191,32 @@ async def search(repo: Repository, q: DirectoryQuery, *, slots: SlotsHook | None
     loc_offset = 0
     scanned = 0
     exhausted = False
+    page_size = min(LOCATION_PAGE, max(FIRST_LOCATION_PAGE, wanted))
     while len(hits) < wanted:
-        items = [("near", f"{q.lat}|{q.lon}|{q.radius_km}|km"), ("status", "active"),
-                 ("_count", str(LOCATION_PAGE)), ("_offset", str(loc_offset))]
-        if q.dataset:
-            items.append(("_tag", f"{model.DATASET_TAG_SYSTEM}|{q.dataset}"))
-        page = await repo.search(repo.parse_search("Location", items))
-        loc_offset += LOCATION_PAGE
-        scanned += len(page.matches)
+        # The next places in distance order from the spatial index (ids and distances only),
+        # then their resources through the search engine with the criteria and the policy.
+        nearest = await geo.nearest_locations(repo.conn, q.lat, q.lon, q.radius_km, limit=page_size, offset=loc_offset)
+        loc_offset += page_size
+        more = len(nearest) == page_size
+        page_size = min(LOCATION_PAGE, page_size * 4)
+        scanned += len(nearest)
         places: dict[str, tuple[dict, float]] = {}
-        for s in page.matches:
-            loc = s.resource()
-            pos = model.position(loc)
-            if pos is None or (q.wheelchair and not model.wheelchair_accessible(loc)):
-                continue
-            places[s.id] = (loc, haversine_km(q.lat, q.lon, pos[0], pos[1]))
+        if nearest:
+            items = [("_id", ",".join(lid for lid, _ in nearest)), ("status", "active"), ("_count", str(len(nearest)))]
+            if q.wheelchair:
+                items.append(("_tag", f"{model.FLAG_TAG_SYSTEM}|{model.FLAG_WHEELCHAIR}"))
+            if q.dataset:
+                items.append(("_tag", f"{model.DATASET_TAG_SYSTEM}|{q.dataset}"))
+            found = {s.id: s for s in (await repo.search(repo.parse_search("Location", items))).matches}
+            for lid, _km in nearest:
+                s = found.get(lid)
+                pos = model.position(s.resource()) if s is not None else None
+                if s is None or pos is None:
+                    continue
+                places[lid] = (s.resource(), haversine_km(q.lat, q.lon, pos[0], pos[1]))
         if places:
             hits.extend(await _roles_at(repo, q, places, seen_roles))
-        if not page.has_more:
+        if not more:
             exhausted = True
             break
     hits.sort(key=lambda h: (h.distance_km, model.display_name(h.practitioner or {}), h.role.id))
@@ -225,8 +243,6 @@ async def _roles_at(repo: Repository, q: DirectoryQuery, places: dict[str, tuple
             if s.id in seen:
                 continue
             role = orjson.loads(s.content or "{}")
-            if q.accepts_new_patients and model.accepts_new_patients(role) is not True:
-                continue
             best: tuple[float, str] | None = None
             for ref in role.get("location") or []:
                 lid = model.reference_id(ref, "Location")

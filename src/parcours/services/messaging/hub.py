@@ -78,6 +78,7 @@ class Socket(Protocol):
 
 
 def message_event(conversation_id: str, view: MessageView, me: list[str]) -> dict[str, Any]:
+    """A message as sockets receive it; ``me``: the reader's own references (``mine``: they wrote it)."""
     return {"type": "message", "conversation": conversation_id, "seq": view.seq, "id": view.id, "sender": view.sender,
             "sender_name": view.sender_name, "sent": view.sent, "texts": view.texts,
             "attachments": [{"index": i, "title": a.get("title"), "contentType": a.get("contentType"), "size": a.get("size")}
@@ -93,6 +94,11 @@ class Client:
     me: list[str]  # participant references
     sockets: set[Socket] = field(default_factory=set)
     checked_at: float = field(default_factory=time.monotonic)
+    # Waiting to be delivered: one task per client drains them in order, many at a time
+    # (one Repository, one care context) when they come faster than they are delivered.
+    pending: list[store.MessageRow] = field(default_factory=list)
+    pending_conversations: list[str] = field(default_factory=list)
+    draining: bool = False
 
     def any_socket(self) -> Socket | None:
         return next(iter(self.sockets), None)
@@ -106,6 +112,7 @@ class Hub:
         self._clients: dict[str, Client] = {}
         self._by_ref: dict[str, set[Client]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
         self._listening = asyncio.Event()
         self._presence_wake = asyncio.Event()
         self._gate = asyncio.Semaphore(concurrency or max(2, platform.settings.db_pool_size - 2))
@@ -122,9 +129,9 @@ class Hub:
         return hub
 
     async def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._inflight]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._inflight]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
@@ -150,8 +157,9 @@ class Hub:
                 client = self._clients[sock.key] = Client(sock.key, me)
                 for ref in me:
                     self._by_ref.setdefault(ref, set()).add(client)
+        if sock.account_id and not any(s.account_id == sock.account_id for s in client.sockets):
+            self._presence_wake.set()  # someone new is online here
         client.sockets.add(sock)
-        self._presence_wake.set()
         return client.me
 
     def detach(self, sock: Socket) -> None:
@@ -199,7 +207,6 @@ class Hub:
         items = list(cursors.items())[:MAX_CURSORS]
         async with self._gate, self.platform.pool.connection() as conn:
             repo = self.platform.repository(conn, caller)
-            me = await service.me(repo)
             for cid, after in items:
                 async with conn.transaction():
                     try:
@@ -212,7 +219,7 @@ class Hub:
                     if view is None:
                         await sock.deliver({"type": "gap", "conversation": cid, "seq": row.seq})
                     else:
-                        await sock.deliver(message_event(cid, view, me), view)
+                        await sock.deliver(message_event(cid, view, [caller.fhir_user or ""]), view)
                 if more:
                     await sock.deliver({"type": "resync", "conversation": cid})
                 for who, seq in marks.items():
@@ -228,25 +235,26 @@ class Hub:
                         try:
                             await self.dispatch(batch)
                         except Exception:
-                            log.exception("Messaging hub: dispatching %d changes failed", len(batch))
+                            log.exception("Messaging hub: dispatching %d changes failed; clients resynchronise", len(batch))
+                            await self._resync_all()
                 return
             except FeedOverrun:
-                # Fell behind: every client catches up from its own cursor.
                 log.warning("Messaging hub fell behind the change feed; clients resynchronise")
-                for client in list(self._clients.values()):
-                    for s in list(client.sockets):
-                        with contextlib.suppress(Exception):
-                            await s.deliver({"type": "resync"})
+                await self._resync_all()
+
+    async def _resync_all(self) -> None:
+        """Messages may have been missed here: every client catches up from its own cursor."""
+        for client in list(self._clients.values()):
+            for s in list(client.sockets):
+                with contextlib.suppress(Exception):
+                    await s.deliver({"type": "resync"})
 
     async def dispatch(self, batch: list[Change]) -> None:
         ids = list(dict.fromkeys(c.id for c in batch if c.resource_type == "Communication" and not c.deleted))
         if not ids or not self._clients:
             return
         async with self.platform.pool.connection() as conn:
-            rows = await store.messages_by_id(conn, ids)
-            known = {r.message_id for r in rows}
-            headers = await store.existing_conversations(conn, [i for i in ids if i not in known])
-            parts = await store.participants_of(conn, list({r.conversation_id for r in rows} | headers))
+            rows, headers, parts = await store.changed(conn, ids)
         work: dict[str, tuple[Client, list[store.MessageRow], list[str]]] = {}
         for r in sorted(rows, key=lambda r: (r.conversation_id, r.seq)):
             for ref in parts.get(r.conversation_id, ()):
@@ -260,8 +268,32 @@ class Hub:
                     entry = work.setdefault(client.key, (client, [], []))
                     if cid not in entry[2]:
                         entry[2].append(cid)
-        if work:
-            await asyncio.gather(*(self._deliver(c, msgs, convs) for c, msgs, convs in work.values()))
+        # The next batch need not wait for these deliveries: each client has its own queue.
+        for client, msgs, convs in work.values():
+            client.pending += msgs
+            client.pending_conversations += convs
+            if not client.draining:
+                client.draining = True
+                task = asyncio.create_task(self._drain(client), name="parcours-messaging-deliver")
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+
+    async def _drain(self, client: Client) -> None:
+        try:
+            while client.pending or client.pending_conversations:
+                rows, convs = client.pending, client.pending_conversations
+                client.pending, client.pending_conversations = [], []
+                try:
+                    await self._deliver(client, rows, convs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - a database hiccup: the client catches up from its cursor
+                    log.exception("Messaging hub: delivering %d messages failed; the client resynchronises", len(rows))
+                    for sock in list(client.sockets):
+                        with contextlib.suppress(Exception):
+                            await sock.deliver({"type": "resync"})
+        finally:
+            client.draining = False
 
     async def _deliver(self, client: Client, rows: list[store.MessageRow], conversations: list[str]) -> None:
         caller = await self._caller_of(client)
@@ -276,7 +308,7 @@ class Hub:
                 except ParcoursError:
                     continue  # not (or no longer) allowed to see it: not delivered
                 view = service.view_of(r, stored.resource())
-                events.append((message_event(r.conversation_id, view, client.me), view))
+                events.append((message_event(r.conversation_id, view, [caller.fhir_user or ""]), view))
             for cid in conversations:
                 try:
                     await repo.read("Communication", cid)
@@ -347,7 +379,7 @@ class Hub:
                 raise
             except Exception:  # noqa: BLE001 - retried at the next beat
                 log.exception("Messaging hub: presence not refreshed")
-            await asyncio.sleep(0.2)  # a burst of connections: one refresh
+            await asyncio.sleep(1.0)  # a burst of connections: one refresh
 
 
 def socket_key(kind: str, secret: str) -> str:

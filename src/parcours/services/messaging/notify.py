@@ -22,7 +22,6 @@ Documents filed into a record from a message are documents of the record: they s
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -32,6 +31,7 @@ from urllib.parse import urlsplit
 
 from parcours.security import roles
 from parcours.security.caller import PLATFORM
+from parcours.services import jobs
 from parcours.services.booking.notify import EmailChannel
 from parcours.services.platform import Platform
 from parcours.store import accounts as account_store
@@ -122,32 +122,14 @@ async def purge(platform: Platform, *, now: datetime | None = None, limit: int =
 
 def start_in_background(platform: Platform, email: EmailChannel) -> Callable[[], Awaitable[None]]:
     """E-mail notices and retention in this process, every ``messaging_jobs_poll_seconds``."""
-    if not platform.settings.messaging_jobs_worker:
-        async def nothing() -> None:
-            return None
-        return nothing
+    next_purge = platform.clock.now()
 
-    async def loop() -> None:
-        next_purge = platform.clock.now()
-        while True:
-            try:
-                await run_due(platform, email)
-                if platform.clock.now() >= next_purge:
-                    if await purge(platform) < 100:
-                        next_purge = platform.clock.now() + timedelta(hours=1)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the loop must survive a database or SMTP hiccup
-                log.exception("Messaging jobs failed; retrying")
-            await asyncio.sleep(platform.settings.messaging_jobs_poll_seconds)
+    async def round_() -> None:
+        nonlocal next_purge
+        await run_due(platform, email)
+        if platform.clock.now() >= next_purge:
+            if await purge(platform) < 100:
+                next_purge = platform.clock.now() + timedelta(hours=1)
 
-    task = asyncio.create_task(loop(), name="messaging-jobs")
-
-    async def stop() -> None:
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001
-            pass
-
-    return stop
+    return jobs.every(lambda: platform.settings.messaging_jobs_poll_seconds, round_, name="messaging-jobs",
+                      enabled=platform.settings.messaging_jobs_worker, log=log)

@@ -191,6 +191,11 @@ class MessagingRule:
         reachable = ctx.patients | (ctx.emergency if repo.caller.kind == "practitioner" else frozenset())
         if not named <= reachable:
             raise Forbidden("You can write to or about a patient only within a care relationship")
+        if repo.caller.kind in ("patient", "proxy"):
+            now = repo.clock.now()
+            for pro in (r for r in model.participants(resource) if r.startswith("Practitioner/")):
+                for patient in named:
+                    await self._patient_may_write(repo, pro, patient, now)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     async def _record(self, repo: Repository, rid: str, resource: dict, kind: str | None,
@@ -203,7 +208,8 @@ class MessagingRule:
                 (model.sender(resource) or "").startswith(("Patient/", "RelatedPerson/")))
             await store.open_conversation(repo.conn, rid, patient=patients[0] if patients else model.subject(resource),
                                           started_by=model.sender(resource) or "", patient_started=by_patient,
-                                          participants=participants, now=now)
+                                          participants=participants, now=now, topic=model.topic(resource),
+                                          names=model.names(resource))
             return
         cid = model.conversation_of(resource) or ""
         conv = conv or await store.get_conversation(repo.conn, cid)

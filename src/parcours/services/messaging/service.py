@@ -159,9 +159,12 @@ async def start_conversation(repo: Repository, *, to: Sequence[str], topic: str,
 
 async def send(repo: Repository, conversation_id: str, *, text: str = "", uploads: Sequence[Upload] = (),
                in_reply_to: str | None = None, header: dict | None = None, max_attachment_bytes: int) -> Stored:
-    """Post a message in a conversation the caller takes part in."""
+    """Post a message in a conversation the caller takes part in. What the message repeats of
+    its conversation (participants, subject line, patient) comes from the messaging tables when
+    ``header`` is not given; the write itself goes through the caller's Repository: the access
+    policy and the messaging rule decide on it."""
     if header is None:
-        header = (await repo.read("Communication", conversation_id)).resource()
+        header = await _header_of(repo, conversation_id)
     if model.kind_of(header) != model.CONVERSATION:
         raise NotFound(f"No conversation {conversation_id}")
     text = text.strip()
@@ -177,6 +180,19 @@ async def send(repo: Repository, conversation_id: str, *, text: str = "", upload
     message = model.build_message(conversation_id, header, sender={"reference": caller.fhir_user, "display": display},
                                   text=text, attachments=files, in_reply_to=in_reply_to or None, now=now)
     return (await repo.create("Communication", message)).stored
+
+
+async def _header_of(repo: Repository, conversation_id: str) -> dict:
+    """What a new message repeats of its conversation, for a participant (404 for anyone else)."""
+    conv = await store.get_conversation(repo.conn, conversation_id)
+    if conv is None or not set(await me(repo)) & set(conv.participants):
+        raise NotFound(f"No conversation {conversation_id} of yours")
+    header: dict[str, Any] = {"category": model.category(model.CONVERSATION), "topic": {"text": conv.topic},
+                              "recipient": [{"reference": p, **({"display": conv.names[p]} if conv.names.get(p) else {})}
+                                            for p in conv.participants]}
+    if conv.patient:
+        header["subject"] = {"reference": conv.patient, **({"display": conv.names[conv.patient]} if conv.names.get(conv.patient) else {})}
+    return header
 
 
 # -- reading -----------------------------------------------------------------------------------------

@@ -115,8 +115,28 @@ def _date_of_care(value: str | None) -> str | None:
     raise BadRequest(f"The date of care must be a date such as 2026-03-14, got {value!r}")
 
 
+def display_name(resource: dict) -> str:
+    if resource.get("resourceType") == "Organization":
+        return str(resource.get("name") or "")
+    n = (resource.get("name") or [{}])[0]
+    return " ".join([*(n.get("prefix") or []), *(n.get("given") or []), str(n.get("family") or "")]).strip()
+
+
+async def _names(repo: Repository, refs: list[str]) -> dict[str, str]:
+    """Display names of the author references (directory entries, or the patient themself)."""
+    out: dict[str, str] = {}
+    for ref in refs:
+        rtype, _, rid = ref.partition("/")
+        try:
+            out[ref] = display_name((await repo.read(rtype, rid)).resource())
+        except (Forbidden, NotFound, Gone):
+            continue
+    return out
+
+
 def build_resource(platform: Platform, repo: Repository, new: NewDocument, checked: uploads.Inspected, blob: BlobInfo,
-                   now: datetime) -> dict:
+                   now: datetime, names: dict[str, str] | None = None) -> dict:
+    names = names or {}
     lang = new.language if new.language in ("fr", "en") else "fr"
     cda = checked.cda
     type_code = new.type_code or (cda.get("type_code") if cda.get("type_system") == "2.16.840.1.113883.6.1" else None)
@@ -142,11 +162,11 @@ def build_resource(platform: Platform, repo: Repository, new: NewDocument, check
     if checked.content_type in codes.FORMATS:
         code, disp = codes.FORMATS[checked.content_type]
         content["format"] = codes.coding(codes.FORMAT_SYSTEM, code, disp)
-    authors = [{"reference": r} for r in _author_refs(repo)]
+    authors = [{"reference": r, **({"display": names[r]} if names.get(r) else {})} for r in _author_refs(repo)]
     if new.organization:
         if not new.organization.startswith("Organization/"):
             raise BadRequest("The organization must be a reference such as Organization/123")
-        authors.append({"reference": new.organization})
+        authors.append({"reference": new.organization, **({"display": names[new.organization]} if names.get(new.organization) else {})})
     elif cda.get("author_org"):
         authors.append({"display": cda["author_org"]})
     if not authors and cda.get("author_name"):
@@ -233,7 +253,8 @@ async def add(platform: Platform, repo: Repository, new: NewDocument, *, scanner
     rid = new_id()
     blob = await blobs.put(repo.conn, patient=patient, data=new.data, content_type=checked.content_type, text=checked.text,
                            now=now, owner=f"DocumentReference/{rid}", blob_id=new_blob_id())
-    resource = build_resource(platform, repo, new, checked, blob, now)
+    names = await _names(repo, _author_refs(repo) + ([new.organization] if new.organization else []))
+    resource = build_resource(platform, repo, new, checked, blob, now, names)
     if previous is not None:
         resource["relatesTo"] = [{"code": "replaces", "target": {"reference": f"DocumentReference/{new.replaces}"}}]
     result = await repo.create("DocumentReference", resource, rid=rid, extra_text=checked.text or None)

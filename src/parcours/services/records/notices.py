@@ -10,13 +10,13 @@ something new is in the record and where to see it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from email.utils import make_msgid
 
 from parcours.security.caller import PLATFORM
+from parcours.services import jobs
 from parcours.services.booking.notify import EmailChannel, contact_of
 from parcours.services.platform import Platform
 from parcours.store import records as record_store
@@ -67,23 +67,4 @@ async def run_due(platform: Platform, email: EmailChannel, *, limit: int = 100) 
 
 
 def start_in_background(platform: Platform, email: EmailChannel, every: float = 15.0) -> Callable[[], Awaitable[None]]:
-    async def loop() -> None:
-        while True:
-            try:
-                await run_due(platform, email)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("Record notices run failed")
-            await asyncio.sleep(every)
-
-    task = asyncio.create_task(loop(), name="record-notices")
-
-    async def stop() -> None:
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):
-            pass
-
-    return stop
+    return jobs.every(every, lambda: run_due(platform, email), name="record-notices", log=log)

@@ -12,7 +12,7 @@ import io
 from datetime import datetime
 from pathlib import Path
 
-from parcours.services.records.timeline import _text
+from parcours.services.records.timeline import text_of
 from parcours.store.repository import Repository
 
 TYPES = ["Condition", "AllergyIntolerance", "MedicationRequest", "MedicationStatement", "Immunization", "Observation"]
@@ -48,25 +48,25 @@ def sections(resources: list[tuple[str, dict]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"problems": [], "allergies": [], "medications": [], "immunizations": [], "results": []}
     obs: list[tuple[str, str]] = []
     for rtype, r in resources:
-        status = _text(r.get("clinicalStatus")).lower()
+        status = text_of(r.get("clinicalStatus")).lower()
         if rtype == "Condition" and status not in ("inactive", "resolved", "remission"):
             onset = str(r.get("onsetDateTime") or r.get("recordedDate") or "")[:10]
-            out["problems"].append(" — ".join(x for x in (_text(r.get("code")), onset) if x))
+            out["problems"].append(" — ".join(x for x in (text_of(r.get("code")), onset) if x))
         elif rtype == "AllergyIntolerance" and status != "resolved":
             crit = r.get("criticality")
-            out["allergies"].append(" — ".join(x for x in (_text(r.get("code")), crit or "") if x))
+            out["allergies"].append(" — ".join(x for x in (text_of(r.get("code")), crit or "") if x))
         elif rtype in ("MedicationRequest", "MedicationStatement") and r.get("status") in ("active", "intended", "on-hold", None):
-            name = _text(r.get("medicationCodeableConcept")) or (r.get("medicationReference") or {}).get("display") or ""
+            name = text_of(r.get("medicationCodeableConcept")) or (r.get("medicationReference") or {}).get("display") or ""
             dose = "; ".join(str(d.get("text") or "") for d in (r.get("dosageInstruction") or r.get("dosage") or []) if d.get("text"))
             out["medications"].append(" — ".join(x for x in (name, dose) if x))
         elif rtype == "Immunization" and r.get("status") != "entered-in-error":
-            out["immunizations"].append(" — ".join(x for x in (_text(r.get("vaccineCode")),
+            out["immunizations"].append(" — ".join(x for x in (text_of(r.get("vaccineCode")),
                                                              str(r.get("occurrenceDateTime") or "")[:10]) if x))
         elif rtype == "Observation" and r.get("status") not in ("entered-in-error", "cancelled"):
             q = r.get("valueQuantity") or {}
-            value = f"{q.get('value')} {q.get('unit') or ''}".strip() if q else str(r.get("valueString") or _text(r.get("valueCodeableConcept")))
+            value = f"{q.get('value')} {q.get('unit') or ''}".strip() if q else str(r.get("valueString") or text_of(r.get("valueCodeableConcept")))
             when = str(r.get("effectiveDateTime") or r.get("issued") or "")
-            obs.append((when, f"{_text(r.get('code'))} : {value} ({when[:10]})"))
+            obs.append((when, f"{text_of(r.get('code'))} : {value} ({when[:10]})"))
     out["results"] = [t for _, t in sorted(obs, reverse=True)[:15]]
     for k in ("problems", "allergies", "medications", "immunizations"):
         out[k] = sorted(set(x for x in out[k] if x))

@@ -53,7 +53,7 @@ class Event:
         return f"{self.rtype}/{self.id}"
 
 
-def _text(cc: Any) -> str:
+def text_of(cc: Any) -> str:
     if isinstance(cc, list):
         cc = cc[0] if cc else {}
     if not isinstance(cc, dict):
@@ -86,39 +86,39 @@ _WHEN = {
 _WHEN["Observation"] = _WHEN["DiagnosticReport"]
 
 
-def _when_of(rtype: str, r: dict) -> str | None:
+def when_of(rtype: str, r: dict) -> str | None:
     fn = _WHEN.get(rtype)
     return fn(r) if fn else None
 
 
-def _title_of(rtype: str, r: dict) -> tuple[str, str]:
+def title_of(rtype: str, r: dict) -> tuple[str, str]:
     if rtype == "Encounter":
-        return _text(r.get("type")) or _text(r.get("serviceType")) or "", _text(r.get("reasonCode"))
+        return text_of(r.get("type")) or text_of(r.get("serviceType")) or "", text_of(r.get("reasonCode"))
     if rtype == "Appointment":
-        return r.get("description") or _text(r.get("serviceType")) or _text(r.get("appointmentType")), ""
+        return r.get("description") or text_of(r.get("serviceType")) or text_of(r.get("appointmentType")), ""
     if rtype == "DocumentReference":
-        return r.get("description") or _text(r.get("type")), _text(r.get("type"))
+        return r.get("description") or text_of(r.get("type")), text_of(r.get("type"))
     if rtype == "DiagnosticReport":
-        return _text(r.get("code")), f"{len(r.get('result') or [])}"
+        return text_of(r.get("code")), f"{len(r.get('result') or [])}"
     if rtype == "Observation":
         q = r.get("valueQuantity") or {}
-        value = f"{q.get('value')} {q.get('unit') or ''}".strip() if q else str(r.get("valueString") or _text(r.get("valueCodeableConcept")))
-        return _text(r.get("code")), value
+        value = f"{q.get('value')} {q.get('unit') or ''}".strip() if q else str(r.get("valueString") or text_of(r.get("valueCodeableConcept")))
+        return text_of(r.get("code")), value
     if rtype == "MedicationRequest":
-        return _text(r.get("medicationCodeableConcept")) or ((r.get("medicationReference") or {}).get("display") or ""), \
+        return text_of(r.get("medicationCodeableConcept")) or ((r.get("medicationReference") or {}).get("display") or ""), \
             "; ".join(str(d.get("text") or "") for d in r.get("dosageInstruction") or [])
     if rtype in ("Condition", "Procedure"):
-        return _text(r.get("code")), _text(r.get("clinicalStatus"))
+        return text_of(r.get("code")), text_of(r.get("clinicalStatus"))
     if rtype == "Immunization":
-        return _text(r.get("vaccineCode")), ""
+        return text_of(r.get("vaccineCode")), ""
     if rtype == "Flag":
-        return _text(r.get("code")), _text(r.get("category"))
+        return text_of(r.get("code")), text_of(r.get("category"))
     if rtype == "Communication":
-        return _text(r.get("category")) or (str(((r.get("payload") or [{}])[0]).get("contentString") or "")[:80]), ""
+        return text_of(r.get("category")) or (str(((r.get("payload") or [{}])[0]).get("contentString") or "")[:80]), ""
     return rtype, ""
 
 
-def _day(when: str) -> date | None:
+def day_of(when: str) -> date | None:
     try:
         if len(when) == 4:
             return date(int(when), 1, 1)
@@ -146,11 +146,11 @@ async def events(repo: Repository, patient_id: str, categories: list[str] | None
             continue
         if r.get("status") == "entered-in-error" and rtype != "DocumentReference":
             continue
-        when = _when_of(rtype, r)
-        day = _day(when) if when else None
+        when = when_of(rtype, r)
+        day = day_of(when) if when else None
         if day is None:
             continue
-        title, detail = _title_of(rtype, r)
+        title, detail = title_of(rtype, r)
         out.append(Event(str(when), day, CATEGORY_OF[rtype], rtype, rid, title or rtype, r.get("status"), detail))
     out.sort(key=attrgetter("when", "rtype", "id"), reverse=True)
     return out
@@ -199,4 +199,5 @@ def in_window(evs: list[Event], zoom: str, at: date) -> list[Event]:
     return [e for e in evs if start <= e.day < end]
 
 
-__all__ = ["CATEGORIES", "Event", "ZOOMS", "events", "in_window", "overview", "step", "window"]
+__all__ = ["CATEGORIES", "Event", "ZOOMS", "day_of", "events", "in_window", "overview", "step", "text_of", "title_of", "when_of",
+           "window"]

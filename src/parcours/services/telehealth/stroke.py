@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -180,42 +181,106 @@ async def record(repo: Repository, task_id: str, event: str, now: datetime, text
             raise Unprocessable("Give the decision")
         task["status"] = "completed"
         task.setdefault("output", []).append({"type": {"text": "decision"}, "valueString": text})
+        note = await _decision_note(repo, task, text or "", now)
+        task["output"].append({"type": {"text": "note"}, "valueReference": {"reference": f"DocumentReference/{note}"}})
     _event(task, event, now, repo.caller.fhir_user, text)
     task["lastModified"] = now.isoformat()
     await repo.as_platform().update("Task", task_id, task)
     return task
 
 
+async def _decision_note(repo: Repository, task: dict, text: str, now: datetime) -> str:
+    """The decision as a consult note (LOINC 11488-4) in the patient's shared record, written through
+    the specialist's own Repository (a participant of the video Appointment: policy and audit apply)."""
+    lines = [f"Téléavis AVC — décision : {text}"]
+    if task.get("description"):
+        lines.append(f"Contexte transmis : {task['description']}")
+    lines += [f"{e['time']} {e['event']}" for e in timeline(task)]
+    body = {"resourceType": "DocumentReference", "status": "current",
+            "type": {"coding": [{"system": "http://loinc.org", "code": "11488-4", "display": "Consult note"}]},
+            "description": "Téléavis AVC", "date": now.isoformat(), "subject": task["for"],
+            "author": [{"reference": repo.caller.fhir_user}],
+            "context": {"related": [{"reference": ((task.get("focus") or {}).get("reference") or "")}]},
+            "content": [{"attachment": {"contentType": "text/plain; charset=utf-8", "title": "Téléavis AVC",
+                                        "data": base64.b64encode("\n".join(lines).encode()).decode()}}]}
+    return (await repo.create("DocumentReference", body)).stored.id
+
+
 async def escalate_due(platform_repo: Repository, now: datetime) -> list[str]:
     """The due-job: requests past their acknowledgment deadline go to the next on call. Returns their ids."""
-    req = platform_repo.parse_search("Task", [("code:text", KIND["text"]), ("status", "requested"), ("_count", "500")])
-    moved = []
-    for stored in (await platform_repo.search(req)).matches:
-        task = await platform_repo.lock("Task", stored.id)
-        if task is None or task.get("status") != "requested":
-            continue
-        due = datetime.fromisoformat(task["restriction"]["period"]["end"])
-        if due > now:
-            continue
-        inputs = {(i.get("type") or {}).get("text"): i for i in task.get("input") or []}
-        roster = (await platform_repo.read(*inputs["roster"]["valueReference"]["reference"].split("/", 1))).resource()
-        people = list(on_call(roster, now)) or list(on_call(roster, datetime.fromisoformat(task["authoredOn"])))
-        tried = {i["valueReference"]["reference"] for i in task.get("input") or [] if (i.get("type") or {}).get("text") == "alerted"}
-        nxt = next((p for p in people if p not in tried), None)
-        if nxt is None:
-            nxt = people[0] if people else task["owner"]["reference"]  # everyone was tried: start the round again
-        task["owner"] = {"reference": nxt}
-        task["input"].append({"type": {"text": "alerted"}, "valueReference": {"reference": nxt}})
-        task["restriction"]["period"]["end"] = (now + timedelta(minutes=int(inputs["ack-minutes"]["valueInteger"]))).isoformat()
-        task["lastModified"] = now.isoformat()
-        _event(task, "escalated", now, nxt)
-        await platform_repo.update("Task", stored.id, task)
-        appt_ref = (task.get("focus") or {}).get("reference", "")
-        if appt_ref.startswith("Appointment/"):
-            stored_appt = await platform_repo.read("Appointment", appt_ref.split("/", 1)[1])
-            appt = stored_appt.resource()
-            if all((p.get("actor") or {}).get("reference") != nxt for p in appt["participant"]):
-                appt["participant"].append({"actor": {"reference": nxt}, "status": "accepted"})
-                await platform_repo.update("Appointment", stored_appt.id, appt)
-        moved.append(stored.id)
-    return moved
+    return [tid for tid in await due_requests(platform_repo, now) if await escalate_one(platform_repo, tid, now)]
+
+
+async def due_requests(platform_repo: Repository, now: datetime, limit: int = 500) -> list[str]:
+    """Unacknowledged requests whose deadline has passed (as read now, without locks)."""
+    req = platform_repo.parse_search("Task", [("code:text", KIND["text"]), ("status", "requested"), ("_count", str(limit))])
+    return [s.id for s in (await platform_repo.search(req)).matches
+            if datetime.fromisoformat(s.resource()["restriction"]["period"]["end"]) <= now]
+
+
+async def escalate_one(platform_repo: Repository, task_id: str, now: datetime) -> bool:
+    """Escalate one request if it is still due. The Task row is locked first: a concurrent runner
+    waits, then sees the new deadline (or the acknowledgment) and leaves it alone."""
+    task = await platform_repo.lock("Task", task_id)
+    if task is None or task.get("code") != KIND or task.get("status") != "requested":
+        return False
+    if datetime.fromisoformat(task["restriction"]["period"]["end"]) > now:
+        return False
+    inputs = {(i.get("type") or {}).get("text"): i for i in task.get("input") or []}
+    roster = (await platform_repo.read(*inputs["roster"]["valueReference"]["reference"].split("/", 1))).resource()
+    people = list(on_call(roster, now)) or list(on_call(roster, datetime.fromisoformat(task["authoredOn"])))
+    tried = set(alerted(task))
+    nxt = next((p for p in people if p not in tried), None)
+    if nxt is None:
+        nxt = people[0] if people else task["owner"]["reference"]  # everyone was tried: start the round again
+    task["owner"] = {"reference": nxt}
+    task["input"].append({"type": {"text": "alerted"}, "valueReference": {"reference": nxt}})
+    task["restriction"]["period"]["end"] = (now + timedelta(minutes=int(inputs["ack-minutes"]["valueInteger"]))).isoformat()
+    task["lastModified"] = now.isoformat()
+    _event(task, "escalated", now, nxt)
+    await platform_repo.update("Task", task_id, task)
+    appt_ref = (task.get("focus") or {}).get("reference", "")
+    if appt_ref.startswith("Appointment/"):
+        stored_appt = await platform_repo.read("Appointment", appt_ref.split("/", 1)[1])
+        appt = stored_appt.resource()
+        if all((p.get("actor") or {}).get("reference") != nxt for p in appt["participant"]):
+            appt["participant"].append({"actor": {"reference": nxt}, "status": "accepted"})
+            await platform_repo.update("Appointment", stored_appt.id, appt)
+    return True
+
+
+def alerted(task: dict) -> list[str]:
+    """Everyone alerted so far, in order (the last one owns the request)."""
+    return [i["valueReference"]["reference"] for i in task.get("input") or [] if (i.get("type") or {}).get("text") == "alerted"]
+
+
+async def access_request(repo: Repository, task_id: str) -> tuple[dict, str]:
+    """One request and the caller's side (``specialist`` | ``requester``): the one door of the pages
+    and the live socket (R4 leaves Task out of the patient compartment, as in ``expertise``)."""
+    try:
+        task = (await repo.as_platform().read("Task", task_id)).resource()
+    except NotFound:
+        raise NotFound(f"No tele-stroke request {task_id}") from None
+    if task.get("code") != KIND:
+        raise NotFound(f"No tele-stroke request {task_id}")
+    return task, await _party(repo, task)
+
+
+async def my_requests(repo: Repository, limit: int = 100) -> list[dict]:
+    """Requests the caller sent or is alerted for, newest first."""
+    ctx = await repo.care()
+    mine = sorted(set(ctx.identities) | {repo.caller.fhir_user or ""} - {""})
+    platform = repo.as_platform()
+    found: dict[str, dict] = {}
+    for param in ("owner", "requester"):
+        for ref in mine:
+            req = platform.parse_search("Task", [("code:text", KIND["text"]), (param, ref), ("_sort", "-_lastUpdated"), ("_count", str(limit))])
+            for s in (await platform.search(req)).matches:
+                found[s.id] = {"id": s.id, **s.resource()}
+    return sorted(found.values(), key=lambda t: t.get("authoredOn") or "", reverse=True)
+
+
+async def rosters(repo: Repository, limit: int = 200) -> list[tuple[str, dict]]:
+    req = repo.parse_search("Schedule", [("active", "true"), ("_count", str(limit))])
+    return [(s.id, s.resource()) for s in (await repo.search(req)).matches
+            if any(e.get("url") == SHIFT_EXT for e in s.resource().get("extension") or [])]
