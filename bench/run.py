@@ -14,7 +14,11 @@ What it does, all on 127.0.0.1 and bounded in time:
    ``wrk`` over the read and search workloads (c to g): the Python client saturates
    near 1,100-1,400 requests/s, wrk does not.
 3. Run ``bench/import_bench.py`` (bulk import vs raw COPY) when it exists.
-4. Print the medians and their ratios to the Medplum figures and to the targets,
+4. Run the domain benchmarks (``bench/domains.py``): directory search and booking at national
+   size, shared-record ingest and timeline, messaging with 2,000 WebSocket clients
+   (``--domains booking,record`` to choose, ``--only-domains messaging`` to run just those and
+   write the report again with the latest FHIR results).
+5. Print the medians and their ratios to the Medplum figures and to the targets,
    and write them to ``docs/benchmarks.md``; raw JSON goes to ``bench/out/``.
 
 With ``DATABASE_URL`` set, the fhirbench runs are repeated on that server too (a fresh
@@ -61,6 +65,8 @@ from importlib import metadata
 from pathlib import Path
 
 import httpx
+
+import domains
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -685,6 +691,11 @@ def write_report(path: Path, ctx: dict) -> None:
           f"{', '.join(n for n, ok in verdicts if ok is False) or 'none'} not met"
           f"{'; ' + ', '.join(n for n, ok in verdicts if ok is None) + ' not measured' if any(ok is None for _, ok in verdicts) else ''}).", ""]
     L += verdict_lines + [""]
+    dom = latest_domains()
+    dv = domains.verdicts(dom)
+    L += [f"Domain benchmarks: {sum(1 for *_, ok in dv if ok)} of {len(dv)} targets met (latest result of each, sections below).", "",
+          "| target | measured | verdict |", "| --- | --- | --- |"]
+    L += [f"| {n} | {m} | {'met' if ok else ('not measured' if ok is None else 'NOT met')} |" for n, m, ok in dv] + [""]
     L += ["## Machine and versions", "",
           f"- {m.get('nproc')} CPU cores ({m.get('cpu', '?')}), {m.get('memory', '?')} RAM, {m.get('os', '?')}, Linux {m.get('kernel')}",
           f"- Python {m.get('python')}; " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
@@ -737,7 +748,13 @@ def write_report(path: Path, ctx: dict) -> None:
     L += [""]
     if ctx.get("notes"):
         L += ["## Notes", ""] + [f"- {n}" for n in ctx["notes"]] + [""]
+    L += domains.sections(dom)
     path.write_text("\n".join(L))
+
+
+def latest_domains() -> dict[str, tuple[str, dict]]:
+    """The newest full-size result of each domain benchmark under bench/out/."""
+    return {name: found for name in domains.DOMAINS if (found := domains.latest(name)) is not None}
 
 
 def _interrupt(signum, frame):  # type: ignore[no-untyped-def]
@@ -762,6 +779,10 @@ def main() -> int:
     ap.add_argument("--report-from", metavar="DIR", help="write the report again from bench/out/<stamp> (no new run)")
     ap.add_argument("--note", action="append", default=[], help="a note for the report (with --report-from)")
     ap.add_argument("--time-budget", type=float, default=540.0, help="no extra run starts after this many seconds")
+    ap.add_argument("--domains", default=",".join(domains.DOMAINS),
+                    help="domain benchmarks to run after the FHIR part (comma-separated; empty for none)")
+    ap.add_argument("--only-domains", metavar="LIST",
+                    help="run only these domain benchmarks and write the report again with the latest FHIR results")
     ap.add_argument("--deadline", type=float, default=660.0,
                     help="no further run starts after this many seconds (once each concurrency has one)")
     args = ap.parse_args()
@@ -776,6 +797,19 @@ def main() -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     outdir = BENCH / "out" / stamp
     outdir.mkdir(parents=True, exist_ok=True)
+    wanted = [d for d in (args.only_domains if args.only_domains is not None else args.domains).split(",") if d]
+    unknown = [d for d in wanted if d not in domains.DOMAINS]
+    if unknown:
+        ap.error(f"unknown domain benchmark(s): {', '.join(unknown)} (known: {', '.join(domains.DOMAINS)})")
+    if args.only_domains is not None:
+        for d in wanted:
+            domains.run(d, outdir, args.quick, log)
+        fhir_runs = sorted((p.parent for p in (BENCH / "out").glob("*/context.json")), key=lambda p: p.name)
+        if report_path and fhir_runs:
+            return report_from(fhir_runs[-1], report_path, args.note)
+        if report_path:
+            log("no FHIR results under bench/out/ yet: run make bench once for the whole report")
+        return 0
     notes: list[str] = []
 
     sha = hashlib.sha256(FHIRBENCH.read_bytes()).hexdigest()
@@ -844,6 +878,8 @@ def main() -> int:
     imp = ({"skipped": "--no-import"} if args.no_import
            else run_import_bench(outdir, timeout=max(150.0, 900.0 - (time.time() - t_start))))
     (outdir / "import.json").write_text(json.dumps(imp, indent=2))
+    for d in wanted:
+        domains.run(d, outdir, args.quick, log)
 
     raw = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "pg": pg,
            "wrk": wrk, "import": imp, "cpu_rows": cpu_rows, "runs": args.runs, "scale": args.scale, "workers": args.workers,
@@ -905,6 +941,8 @@ def finish(raw: dict, outdir: Path, report_path: Path | None, rerendered: str | 
     print("== targets")
     for name, ok in verdicts:
         print(f"  {name:28s} {'met' if ok else ('not measured' if ok is None else 'NOT met')}")
+    for name, measured, ok in domains.verdicts(latest_domains()):
+        print(f"  {name:28s} {measured}: {'met' if ok else ('not measured' if ok is None else 'NOT met')}")
     if notes:
         print("== notes")
         for n in notes:
