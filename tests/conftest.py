@@ -131,7 +131,9 @@ def live_server(pg_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     base = f"http://127.0.0.1:{port}"
     # Its own home: files it writes (bulk export output) stay out of ./var.
     s = Settings(database_url=pg_uri, base_url=base, home=tmp_path_factory.mktemp("live-home"), **FAST_SUBSCRIPTIONS)
-    server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(create_app(s), host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                           # idle keep-alive connections of a test outlive its slow phases on a busy machine
+                                           timeout_keep_alive=300))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
