@@ -50,7 +50,12 @@ async def test_the_expertise_workflow(app, client, platform) -> None:
         sr = (await client.get(f"/fhir/{t['focus']['reference']}")).json()
         assert sr["extension"][0]["valueBoolean"] is True and sr["priority"] == "urgent"
         doc = (await client.get(f"/fhir/{sr['supportingInfo'][0]['reference']}")).json()
-        assert doc["content"][0]["attachment"]["data"] == photo
+        # The photo went to the record's encrypted blob store, not inline in the resource.
+        att = doc["content"][0]["attachment"]
+        assert "data" not in att and att["contentType"] == "image/png" and att["size"] == len(make_png())
+        assert doc["type"]["coding"][0]["code"] == "75496-0" and doc["subject"]["reference"] == f"Patient/{patient}"
+        r = await g.get(att["url"].removeprefix(BASE))
+        assert r.status_code == 200 and r.content == make_png()
 
         # Illegal transitions: 409; the wrong party: 403; a stranger cannot even read it.
         assert (await e.post(f"{API}/{task}/status", json={"status": "completed"})).status_code == 409

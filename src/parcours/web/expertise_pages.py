@@ -22,7 +22,7 @@ from parcours.core.errors import Forbidden, NotFound, ParcoursError
 from parcours.fhir import fr_core
 from parcours.services.directory.nomenclatures import nomenclatures
 from parcours.services.messaging import service as messaging
-from parcours.services.records import uploads
+from parcours.services.records import documents, uploads
 from parcours.services.telehealth import expertise
 from parcours.store.repository import Repository
 from parcours.web import navigation
@@ -180,19 +180,19 @@ async def new_submit(request: Request) -> Response:
         for f in chosen:
             data = await f.read(limit + 1)
             try:
-                checked = uploads.inspect(data, f.filename, max_bytes=limit)
+                checked = await documents.check(p, uploads.scanner_for(p.settings.record_clamd_socket), data, f.filename)
             except ParcoursError as e:
                 errors["files"] = "exp.error.file"
                 values["file_detail"] = f"{f.filename}: {e.message}"
                 break
-            files.append(expertise.Attachment(checked.content_type, f.filename or "Pièce jointe", data))
+            files.append(expertise.Attachment(f.filename or "Pièce jointe", data, checked))
     if errors:
         return await _new_form(request, values, errors, 422)
     assert due is not None
     try:
         async with p.transaction(caller_of(request)) as repo:
             task = await expertise.request_opinion(
-                repo, patient=values["patient"], expert=values["expert"] if values["target"] != "pool" else None,
+                p, repo, patient=values["patient"], expert=values["expert"] if values["target"] != "pool" else None,
                 specialty=values["specialty"] if values["target"] == "pool" else None, question=values["question"],
                 priority=values["priority"], due=due, consent=True, now=now, attachments=files)
     except (NotFound, Forbidden) as e:
@@ -217,9 +217,12 @@ async def _attachments(repo: Repository, task: dict) -> list[dict]:
         if ref.startswith("DocumentReference/"):
             doc = (await repo.read("DocumentReference", ref.split("/", 1)[1])).resource()
             att = (doc.get("content") or [{}])[0].get("attachment") or {}
-            image = str(att.get("contentType", "")).startswith("image/") and att.get("data")
+            # The content lives in the record's encrypted blob store: the page shows it through
+            # the record's content route (read again through the Repository, audited).
+            url = documents.content_path(att.get("url")) or None
+            image = str(att.get("contentType", "")).startswith("image/") and url
             out.append({"title": att.get("title") or doc.get("description") or "", "type": att.get("contentType", ""),
-                        "src": f"data:{att['contentType']};base64,{att['data']}" if image else None, "id": doc.get("id")})
+                        "src": f"{url}?inline=1" if image else None, "url": url, "id": doc.get("id")})
     return out
 
 

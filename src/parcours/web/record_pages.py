@@ -109,17 +109,10 @@ def _doc_view(d: dict, lang: str, me: str | None) -> dict[str, Any]:
     return {"id": d["id"], "title": d.get("description") or codes.type_label(type_code, lang),
             "type": codes.type_label(type_code, lang) or (d.get("type") or {}).get("text", ""),
             "care": ((d.get("context") or {}).get("period") or {}).get("start") or d.get("date"), "status": d.get("status"),
-            "hidden": documents.hidden(d), "url": _content_path(att.get("url")),
+            "hidden": documents.hidden(d), "url": documents.content_path(att.get("url")),
             "content_type": att.get("contentType", ""), "size": att.get("size"), "mine": bool(me and any(
                 (a or {}).get("reference") == me for a in d.get("author") or [])), "authors": authors,
             "conf": (((d.get("securityLabel") or [{}])[0].get("coding") or [{}])[0]).get("code", "N")}
-
-
-def _content_path(url: str | None) -> str:
-    """Our content route's path for an attachment URL (pages may be served under another host name)."""
-    if not url or documents.BINARY_PATH not in url:
-        return ""
-    return documents.BINARY_PATH + url.rsplit("/", 1)[-1]
 
 
 @page

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from parcours.core.errors import MalformedJson, ParcoursError, Unprocessable
-from parcours.services.records import uploads
+from parcours.services.records import documents, uploads
 from parcours.services.telehealth import expertise
 from parcours.web.auth import caller_of
 from parcours.web.fhir_render import error_response
@@ -54,16 +54,15 @@ async def create(request: Request) -> Response:
     p = request.app.state.platform
     try:
         due = datetime.fromisoformat(str(b.get("due")))
-        files = [expertise.Attachment(str(a["contentType"]), str(a.get("title") or "Pièce jointe"), base64.b64decode(a["data"], validate=True))
-                 for a in b.get("attachments") or []]
-    except (ValueError, KeyError, TypeError, binascii.Error) as e:
+        sent = [(str(a.get("title") or "Pièce jointe"), base64.b64decode(a["data"], validate=True)) for a in b.get("attachments") or []]
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as e:
         raise Unprocessable(f"Invalid request: {e}") from e
-    # The same checks as the record's uploads (real type sniffed, size, active content): the type sent is not trusted.
-    files = [expertise.Attachment(uploads.inspect(a.data, None, max_bytes=p.settings.record_max_upload_bytes).content_type,
-                                  a.title, a.data) for a in files]
+    # The record's upload checks and malware scan: the real type is sniffed, the type sent is not trusted.
+    scanner = uploads.scanner_for(p.settings.record_clamd_socket)
+    files = [expertise.Attachment(title, data, await documents.check(p, scanner, data, title)) for title, data in sent]
     async with p.transaction(caller) as repo:
         task = await expertise.request_opinion(
-            repo, patient=str(b.get("patient") or ""), expert=str(b.get("expert") or "") or None,
+            p, repo, patient=str(b.get("patient") or ""), expert=str(b.get("expert") or "") or None,
             specialty=str(b.get("specialty") or "") or None, organization=str(b.get("organization") or "") or None,
             question=str(b.get("question") or ""),
             priority=str(b.get("priority") or "routine"), due=due, consent=b.get("consent") is True, now=p.clock.now(),

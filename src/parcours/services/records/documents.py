@@ -83,6 +83,14 @@ def binary_url(platform: Platform, blob_id: str) -> str:
     return platform.settings.base_url.rstrip("/") + BINARY_PATH + blob_id
 
 
+def content_path(url: str | None) -> str:
+    """The path of our content route for an attachment URL ("" if it is not ours); pages link
+    to the path, as they may be served under another host name than ``base_url``."""
+    if not url or BINARY_PATH not in url:
+        return ""
+    return BINARY_PATH + url.rsplit("/", 1)[-1]
+
+
 def blob_id_of(url: str | None, base_url: str) -> str | None:
     """The blob a URL of our binary route names (absolute or relative), else None."""
     if not url:

@@ -31,6 +31,8 @@ from datetime import datetime
 
 from parcours.core.errors import Conflict, Forbidden, NotFound, Unprocessable
 from parcours.services.directory.nomenclatures import SPECIALTY_SYSTEM, nomenclatures
+from parcours.services.platform import Platform
+from parcours.services.records import documents, uploads
 from parcours.store.repository import Repository
 
 CONSENT_EXT = "https://parcours.example/fhir/StructureDefinition/patient-consent-recorded"
@@ -44,15 +46,23 @@ TRANSITIONS: dict[str, dict[str, str]] = {
     "in-progress": {"completed": "expert", "cancelled": "requester"},
 }
 POOL_ORG_EXT = "https://parcours.example/fhir/StructureDefinition/expertise-pool-organization"
+TELEHEALTH_REQUEST_DOC = "75496-0"  # LOINC, "Demande d'acte de télémédecine" (records.codes)
 REMINDER_EXT = "https://parcours.example/fhir/StructureDefinition/expertise-reminder-sent"
 REQUEST_STATUS = {"completed": "completed", "rejected": "revoked", "cancelled": "revoked"}
 
 
 @dataclass(frozen=True)
 class Attachment:
-    content_type: str
+    """A photo or document sent with a request, already through the record's upload checks
+    (``records.documents.check``: real type sniffed, size, structure, malware scan)."""
+
     title: str
     data: bytes
+    checked: uploads.Inspected
+
+    @property
+    def content_type(self) -> str:
+        return self.checked.content_type
 
 
 def _ref(resource: dict, key: str) -> str | None:
@@ -140,7 +150,7 @@ def _doc(patient: str, author: str, title: str, content_type: str, data: bytes, 
     return body
 
 
-async def request_opinion(repo: Repository, *, patient: str, expert: str | None = None, question: str, priority: str, due: datetime,
+async def request_opinion(platform: Platform, repo: Repository, *, patient: str, expert: str | None = None, question: str, priority: str, due: datetime,
                           consent: bool, now: datetime, attachments: list[Attachment] = [], specialty: str | None = None,
                           organization: str | None = None) -> str:
     """To a named ``expert`` (Practitioner or PractitionerRole) or to the pool of a ``specialty``
@@ -173,8 +183,11 @@ async def request_opinion(repo: Repository, *, patient: str, expert: str | None 
     if organization:
         await repo.read(*organization.split("/", 1))
     performer_type = [{"coding": [concept.coding()], "text": concept.label("fr")}] if concept else None
-    docs = [(await repo.create("DocumentReference", _doc(patient, me, a.title, a.content_type, a.data, now))).stored.id
-            for a in attachments]
+    # Attachments go to the patient's record like any upload: content encrypted in the blob
+    # store, checksum kept, exact duplicates recognised, text searchable.
+    docs = [(await documents.add(platform, repo, documents.NewDocument(
+        patient_id=patient.split("/", 1)[1], data=a.data, filename=a.title, title=a.title, type_code=TELEHEALTH_REQUEST_DOC),
+        scanner=uploads.NoScanner(), checked=a.checked, notify=False)).stored.id for a in attachments]
     sr = (await repo.create("ServiceRequest", {
         "resourceType": "ServiceRequest", "status": "active", "intent": "order", "priority": priority,
         "code": KIND, "subject": {"reference": patient}, "requester": {"reference": me},
