@@ -37,6 +37,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert as pg_insert
 from sqlalchemy.schema import CreateTable
 
 from parcours.core.errors import Forbidden
-from parcours.fhir.indexing import index_resource
+from parcours.fhir.indexing import IndexValues, index_resource
 from parcours.fhir.registry import Registry
 from parcours.store import audit
 from parcours.store.repository import MAX_FTS_CHARS, render_version
@@ -388,6 +389,59 @@ class BulkWriter:
             await cur.execute(ts["restage"], {"rtype": rtype, "ids": gone, "vids": vids, "contents": texts})
             await cur.execute(ts["drop_idx"], {"ids": gone})
             await cur.execute(ts["drop_main"], {"ids": gone})
+
+
+@cache
+def _new_sql(rtype: str) -> str:
+    t = tables(rtype)
+    q = _quote
+    return (
+        "WITH v AS (SELECT * FROM json_to_recordset(%(items)s::json) "
+        "AS v(ord int, id text, content text, tokens text[], refs text[], comps text[], narr text, txt text)), "
+        f"m AS (INSERT INTO {q(t.main.name)} (id, version_id, last_updated, deleted, content, tokens, refs, compartments, "
+        "fts_text, fts_content, author) "
+        f"SELECT id, 1, %(lu)s, false, content, tokens, refs, comps, to_tsvector({_TSCONFIG}, narr), "
+        f"to_tsvector({_TSCONFIG}, txt), %(author)s FROM v ORDER BY ord ON CONFLICT (id) DO NOTHING RETURNING id), "
+        f"h AS (INSERT INTO {q(t.history.name)} (id, version_id, last_updated, deleted, method, content) "
+        "SELECT v.id, 1, %(lu)s, false, %(method)s, v.content FROM v JOIN m ON m.id = v.id), "
+        f"i AS (INSERT INTO {q(t.idx.name)} ({', '.join(_IDX_COLUMNS)}) "
+        f"SELECT {', '.join('x.' + c for c in _IDX_COLUMNS)} FROM json_to_recordset(%(rows)s::json) "
+        "AS x(resource_id text, code text, s text, raw text, lo timestamptz, hi timestamptz, nlo numeric, nhi numeric, sys text, unit text) "
+        "WHERE x.resource_id IN (SELECT id FROM m)) "
+        "INSERT INTO resource_log (resource_type, id, version_id, last_updated, method) "
+        "SELECT %(rtype)s, v.id, 1, %(lu)s, %(method)s FROM v JOIN m ON m.id = v.id ORDER BY v.ord"
+    )
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return str(value)  # numeric reads "Infinity" too
+    raise TypeError(type(value).__name__)
+
+
+async def write_new(repo: Repository, rtype: str, items: list[tuple[str, str, IndexValues]], last_updated: datetime,
+                    method: str = "POST") -> None:
+    """Version 1 of resources with ids nobody else writes (the platform's own, e.g. AuditEvents
+    from the audit log), already rendered (:func:`render_version`) and indexed, as
+    ``(id, JSON text, index values)``: main rows, history, search rows and the change log
+    in one statement, whatever their number. An id that exists already is left as it is.
+
+    The values travel as two JSON documents (``orjson``, in C): psycopg's list dumpers
+    escape each element of a text list in Python, which costs more than all the rest.
+    The caller's transaction; the platform only (no per-resource checks), like :class:`BulkWriter`.
+    """
+    if not repo.caller.is_system:
+        raise Forbidden("Bulk writes are for the platform's own imports")
+    repo.authorize("create", rtype)
+    if not items:
+        return
+    docs = [{"ord": n, "id": rid, "content": content, "tokens": iv.tokens, "refs": iv.refs, "comps": iv.compartments,
+             "narr": iv.narrative[:MAX_FTS_CHARS], "txt": iv.content[:MAX_FTS_CHARS]} for n, (rid, content, iv) in enumerate(items)]
+    side = [dict(zip(_IDX_COLUMNS, (rid, *row))) for rid, _, iv in items for row in iv.rows]
+    await repo.conn.execute(_new_sql(rtype), {
+        "items": orjson.dumps(docs).decode(), "rows": orjson.dumps(side, default=_json_default).decode(),
+        "lu": last_updated, "author": repo._identity(), "method": method, "rtype": rtype,  # as Repository._write
+    })
 
 
 @dataclass
