@@ -8,7 +8,9 @@ the platform's pool. In-process consumers (real-time pages...) read
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from psycopg import AsyncConnection
@@ -17,8 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from parcours.core.clock import Clock
 from parcours.fhir.registry import Registry
 from parcours.fhir.search import SearchParser
-from parcours.events.bus import ChangeFeed
-from parcours.events.log import CHANGES_CHANNEL
+from parcours.events.bus import ChangeFeed, ChangeStream, FeedOverrun
 from parcours.events.subscriptions import DELIVERY_CHANNEL, DeliveryPolicy, RestHookDeliverer, SubscriptionMatcher
 from parcours.events.websocket import WebSocketHub
 from parcours.security.caller import Caller
@@ -45,6 +46,7 @@ class Events:
     matcher: SubscriptionMatcher
     deliverer: RestHookDeliverer
     hub: WebSocketHub
+    _follow: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     async def start(cls, platform: PlatformLike, *, policy: DeliveryPolicy | None = None) -> "Events":
@@ -54,9 +56,11 @@ class Events:
         deliverer = RestHookDeliverer(platform.pool, platform.repository, policy or DeliveryPolicy.from_settings(platform.settings))
         matcher = SubscriptionMatcher(platform.pool, platform.repository, parser, base_url, platform.clock, on_enqueued=deliverer.wake)
         hub = WebSocketHub(platform.pool, platform.repository, parser, base_url, platform.clock, feed)
-        feed.on_notify(CHANGES_CHANNEL, matcher.wake)
+        # The matcher learns of changes from this process's feed (which reads them anyway).
+        changes = feed.stream()
         feed.on_notify(DELIVERY_CHANNEL, deliverer.wake)
         events = cls(feed, matcher, deliverer, hub)
+        events._follow = asyncio.create_task(_follow(feed, changes, matcher), name="parcours-matcher-follow")
         await hub.start()
         await feed.start()
         await matcher.start()
@@ -67,4 +71,20 @@ class Events:
         await self.deliverer.close()
         await self.matcher.close()
         await self.feed.close()
+        if self._follow is not None:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow
         await self.hub.close()
+
+
+async def _follow(feed: ChangeFeed, changes: ChangeStream, matcher: SubscriptionMatcher) -> None:
+    while True:
+        try:
+            async with changes:
+                async for batch in changes:
+                    matcher.notice(batch)
+            return  # the feed was closed
+        except FeedOverrun:
+            matcher.wake()  # whatever was dropped is in the log: the matcher reads it from there
+            changes = feed.stream()
