@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, pq
 from psycopg_pool import AsyncConnectionPool
 
 from parcours.core.clock import Clock
@@ -75,6 +75,27 @@ class Platform:
                 if repo.attempt is not None and repo.audit_enabled:
                     await self._audit_failure(conn, caller, repo.attempt, err)
                 raise
+
+    @asynccontextmanager
+    async def reading(self, caller: Caller) -> AsyncIterator[Repository]:
+        """For interactions that only read (read, vread, search): no transaction block.
+        Under READ COMMITTED every statement takes its own snapshot either way; without
+        BEGIN and COMMIT a read is two round trips (the select, then its audit entry as a
+        transaction of its own) instead of four. Refusals and failures are audited as in
+        :meth:`transaction`."""
+        async with self.pool.connection() as conn:
+            repo = self.repository(conn, caller)
+            await conn.set_autocommit(True)
+            try:
+                yield repo
+            except ParcoursError as err:
+                if repo.attempt is not None and repo.audit_enabled:
+                    await self._audit_failure(conn, caller, repo.attempt, err)
+                raise
+            finally:
+                if conn.info.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+                    await conn.execute("ROLLBACK")  # a failed audit pipeline left its block open
+                await conn.set_autocommit(False)
 
     async def _audit_failure(self, conn: AsyncConnection, caller: Caller, attempt: tuple[str, str | None, str | None],
                              err: ParcoursError) -> None:

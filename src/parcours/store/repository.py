@@ -361,7 +361,15 @@ class Repository:
             action=action, outcome=outcome, recorded=self.clock.now(), agent=c.user_id or c.display, agent_kind=c.kind,
             fhir_user=c.fhir_user, address=c.address, resource_type=rtype, resource_id=rid, version_id=version,
             patients=tuple(sorted(set(patients)))[:200], query=query, purpose=purpose, detail=detail)
-        if action in READ_ACTIONS:
+        if action in READ_ACTIONS and self.conn.autocommit:
+            # A read outside a transaction block (``Platform.reading``): its entry is a
+            # transaction of its own, sent in one round trip, with group commit as below.
+            async with self.conn.pipeline():
+                await self.conn.execute("BEGIN")
+                await self.conn.execute("SET LOCAL synchronous_commit TO OFF")
+                await audit.record(self.conn, rec)
+                await self.conn.execute("COMMIT")
+        elif action in READ_ACTIONS:
             # A read commits only its audit entry: group commit is enough (a crash may
             # lose the last fraction of a second of read entries, never a write's). Not
             # when the transaction already wrote (it has a transaction id by then).

@@ -241,7 +241,7 @@ async def _search(request: Request, rtype: str | None, items: list[tuple[str, st
     if rtype == "AuditEvent":
         # The trail is searched as it stands: turn the latest entries into AuditEvents first.
         await audit_trail.materialize(p)
-    async with p.transaction(caller) as repo:
+    async with p.reading(caller) as repo:
         req = repo.parse_search(rtype, items, strict=strict(request))
         result = await repo.search(req)
     path = f"/{rtype}" if rtype else ""
@@ -257,7 +257,7 @@ async def instance(request: Request) -> Response:
         raise MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}", headers={"Allow": allow} if allow else {})
     if request.method == "GET":
         check_format(request)
-        async with p.transaction(caller) as repo:
+        async with p.reading(caller) as repo:
             s = await repo.read(rtype, rid)
         headers = version_headers(base_of(request), s)
         del headers["Location"]
@@ -290,7 +290,7 @@ async def instance(request: Request) -> Response:
 
 async def vread(request: Request) -> Response:
     p = platform_of(request)
-    async with p.transaction(caller_of(request)) as repo:
+    async with p.reading(caller_of(request)) as repo:
         s = await repo.vread(request.path_params["type"], request.path_params["id"], request.path_params["vid"])
     headers = version_headers(base_of(request), s)
     del headers["Location"]
