@@ -44,3 +44,28 @@ async def test_demo_loads_once_and_logins_work(platform, client) -> None:
         visible = await repo.search(repo.parse_search("Patient", [("_count", "200")]))
     assert {f"Patient/{m.id}" for m in visible.matches} == expected
     assert len(everyone.matches) > len(expected)
+
+
+async def test_demo_has_telemedicine_to_try(platform, client) -> None:
+    from datetime import timedelta
+
+    from parcours.services.telehealth import expertise, stroke
+
+    await demo.load(platform, roles=40)
+    async with platform.pool.connection() as conn:
+        derm = await account_store.by_email(conn, f"dermatologue@{demo.DOMAIN}")
+        neuro = await account_store.by_email(conn, f"neurologue@{demo.DOMAIN}")
+        patient = await account_store.by_email(conn, f"patient@{demo.DOMAIN}")
+    assert derm and neuro and patient and derm.totp_enabled and neuro.totp_enabled
+    # The dermatologist finds the GP's request about the demo patient waiting for them.
+    async with platform.transaction(accounts.caller_for(derm)) as repo:
+        mine = await expertise.lists(repo)
+    waiting = [t for ts in mine.values() for t in ts if t["status"] == "requested"]
+    assert len(waiting) == 1 and waiting[0]["for"]["reference"] == patient.fhir_user
+    # The neurologist is on call now and all week (24-hour shifts), first to be alerted.
+    async with platform.transaction(SYSTEM) as repo:
+        rosters = [r for _, r in await stroke.rosters(repo)]
+    assert len(rosters) == 1
+    now = platform.clock.now()
+    for hours in range(0, 24 * 7, 5):
+        assert stroke.on_call(rosters[0], now + timedelta(hours=hours))[0] == neuro.fhir_user

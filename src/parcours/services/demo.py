@@ -6,13 +6,17 @@ Loaded once into an empty database (``make demo``); loading again changes nothin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import time, timedelta
 
 from parcours.core.errors import Conflict
-from parcours.security.caller import SYSTEM
+from parcours.fhir.fr_core import RPPS_SYSTEM
+from parcours.security import roles
+from parcours.security.caller import SYSTEM, Caller
 from parcours.services import accounts
 from parcours.services.directory import demo as region_demo
+from parcours.services.directory.nomenclatures import SPECIALTY_SYSTEM
 from parcours.services.platform import Platform
+from parcours.services.telehealth import expertise, stroke
 from parcours.store import accounts as account_store
 
 PASSWORD = "Parcours-demo-2026"
@@ -41,7 +45,9 @@ async def load(platform: Platform, *, region: str = region_demo.DEFAULT_REGION, 
     if await _already_loaded(platform):
         return logins(), {}
     demo = region_demo.build_region(region, seed=seed, roles=roles)
-    from parcours.services.booking import demo as booking_demo  # agendas, slots and a few bookings
+    from parcours.services.booking import (
+        demo as booking_demo,  # agendas, slots and a few bookings
+    )
 
     counts = await region_demo.write_region(platform, demo, validate=False, hooks=[booking_demo.schedules_hook()])
     patients = [r for r in demo.resources if r["resourceType"] == "Patient"]
@@ -75,6 +81,7 @@ async def load(platform: Platform, *, region: str = region_demo.DEFAULT_REGION, 
         for res in clinical:
             await repo.create(res["resourceType"], res)
         proxy_id = (await repo.create("RelatedPerson", proxy)).stored.id
+    telehealth = await _telehealth(platform, demo, patient["id"], gp["id"])
     new = [
         accounts.NewAccount(f"patient@{DOMAIN}", PASSWORD, "patient", f"Patient/{patient['id']}", identity_status="validated"),
         accounts.NewAccount(f"aidant@{DOMAIN}", PASSWORD, "proxy", f"RelatedPerson/{proxy_id}"),
@@ -82,6 +89,8 @@ async def load(platform: Platform, *, region: str = region_demo.DEFAULT_REGION, 
         accounts.NewAccount(f"secretariat@{DOMAIN}", PASSWORD, "staff", f"PractitionerRole/{gp_role.key}",  # the GP's agenda
                             totp_secret=DEMO_TOTP_SECRET, display_name="Secrétariat médical"),
         accounts.NewAccount(f"admin@{DOMAIN}", PASSWORD, "admin", None, totp_secret=DEMO_TOTP_SECRET, display_name="Administration régionale"),
+        accounts.NewAccount(f"dermatologue@{DOMAIN}", PASSWORD, "practitioner", telehealth["dermatologist"], totp_secret=DEMO_TOTP_SECRET),
+        accounts.NewAccount(f"neurologue@{DOMAIN}", PASSWORD, "practitioner", telehealth["neurologists"][0], totp_secret=DEMO_TOTP_SECRET),
     ]
     async with platform.pool.connection() as conn:
         for n in new:
@@ -93,6 +102,37 @@ async def load(platform: Platform, *, region: str = region_demo.DEFAULT_REGION, 
     return logins(), counts
 
 
+async def _telehealth(platform: Platform, demo: region_demo.DemoRegion, patient_id: str, gp_id: str) -> dict:
+    """Telemedicine to try at once: two neurologists on call around the clock at the region's
+    first hospital (the tele-stroke roster), and a tele-expertise request from the GP to a
+    dermatologist about the followed patient, waiting for the expert."""
+    derm_role = next((r for r in demo.roles if r.kind == "dermato"), demo.roles[-1])
+    dermatologist = f"Practitioner/{demo.practitioners[derm_role.practitioner]['id']}"
+    site = next((k for k, p in demo.practices.items() if p.kind == "hospital"), derm_role.practice)
+    now = platform.clock.now()
+    async with platform.transaction(SYSTEM) as repo:
+        neurologists = []
+        for n, (family, given) in enumerate((("Lefebvre", "Anne"), ("Moreau", "Julien"))):
+            prac = (await repo.create("Practitioner", {
+                "resourceType": "Practitioner", "active": True, "name": [{"family": family, "given": [given], "prefix": ["Dr"]}],
+                "identifier": [{"system": RPPS_SYSTEM, "value": f"1999900000{n}"}]})).stored.id
+            await repo.create("PractitionerRole", {
+                "resourceType": "PractitionerRole", "active": True, "practitioner": {"reference": f"Practitioner/{prac}"},
+                "organization": {"reference": f"Organization/{site}"}, "location": [{"reference": f"Location/{site}-loc"}],
+                "specialty": [{"coding": [{"system": SPECIALTY_SYSTEM, "code": "SM32", "display": "Neurologie"}]}]})
+            neurologists.append(f"Practitioner/{prac}")
+        day_and_night = [stroke.Shift(d, time(8, 0), time(8, 0), tuple(neurologists)) for d in stroke.DAYS]
+        await repo.create("Schedule", stroke.roster_resource("Neurologie vasculaire (AVC)", f"Location/{site}-loc", day_and_night))
+    gp = Caller(kind="practitioner", fhir_user=f"Practitioner/{gp_id}", display="Médecin généraliste",
+                scopes=frozenset(roles.role("practitioner").session_scopes))
+    async with platform.transaction(gp) as repo:
+        await expertise.request_opinion(
+            platform, repo, patient=patient_id, expert=dermatologist, priority="routine", consent=True, now=now,
+            due=now + timedelta(days=7), question="Lésion pigmentée du dos apparue il y a trois mois, asymétrique : avis sur "
+                                                   "la nécessité d'une exérèse ?")
+    return {"dermatologist": dermatologist, "neurologists": neurologists}
+
+
 def logins() -> list[Login]:
     return [
         Login("patient", f"patient@{DOMAIN}", "patiente suivie pour un diabète", False),
@@ -100,4 +140,6 @@ def logins() -> list[Login]:
         Login("practitioner", f"medecin@{DOMAIN}", "médecin généraliste de la patiente", True),
         Login("staff", f"secretariat@{DOMAIN}", "secrétariat médical (agenda du médecin)", True),
         Login("admin", f"admin@{DOMAIN}", "administration régionale", True),
+        Login("practitioner", f"dermatologue@{DOMAIN}", "dermatologue : une demande de téléexpertise l'attend", True),
+        Login("practitioner", f"neurologue@{DOMAIN}", "neurologue d'astreinte AVC (garde de l'hôpital)", True),
     ]
