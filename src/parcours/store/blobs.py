@@ -104,12 +104,21 @@ class Keyring:
         self.current = current
         self.pinned = pinned  # the settings name the current key: the database does not change it
         self._checked = time.monotonic()
+        self._ciphers: dict[tuple[str, bytes], AESGCM] = {}
+
+    def _cipher(self, kid: str) -> AESGCM:
+        """The AES-GCM context of a key, made once (its key schedule) and kept with the key."""
+        key = self.keys[kid]
+        c = self._ciphers.get((kid, key))
+        if c is None:
+            c = self._ciphers[(kid, key)] = AESGCM(key)
+        return c
 
     def encrypt(self, blob_id: str, data: bytes, key_id: str | None = None) -> bytes:
         kid = key_id or self.current
         nonce = os.urandom(NONCE)
         head = MAGIC + bytes([len(kid)]) + kid.encode()
-        return head + nonce + AESGCM(self.keys[kid]).encrypt(nonce, data, blob_id.encode())
+        return head + nonce + self._cipher(kid).encrypt(nonce, data, blob_id.encode())
 
     @staticmethod
     def key_id_of(stored: bytes) -> str:
@@ -123,7 +132,7 @@ class Keyring:
         start = len(MAGIC) + 1 + len(kid.encode())
         nonce, ct = stored[start:start + NONCE], stored[start + NONCE:]
         try:
-            return AESGCM(self.keys[kid]).decrypt(nonce, ct, blob_id.encode())
+            return self._cipher(kid).decrypt(nonce, ct, blob_id.encode())
         except Exception as e:  # InvalidTag: tampered, or stored under another id
             raise ParcoursError(f"Blob {blob_id} does not decrypt: it was altered or moved", status=500,
                                 code="PRC-1512") from e
@@ -456,11 +465,17 @@ class BlobStore:
         if not sealed:
             return
         b = record_blob
+        columns = "id, patient, owner, sha256, size, content_type, key_id, text_enc, created_at"
+        rows = [(s.id, s.patient, (owners or {}).get(s.id), s.sha256, s.size, s.content_type, s.key_id, s.text_enc, now)
+                for s in sealed]
         async with conn.cursor() as cur:
-            sql = (f"INSERT INTO {b.name} (id, patient, owner, sha256, size, content_type, key_id, text_enc, created_at) "
-                   "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)")
-            await cur.executemany(sql, [(s.id, s.patient, (owners or {}).get(s.id), s.sha256, s.size, s.content_type, s.key_id,
-                                         s.text_enc, now) for s in sealed])
+            if len(rows) == 1:
+                await cur.execute(f"INSERT INTO {b.name} ({columns}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", rows[0])
+                return
+            # Many rows (a batch of the bulk path): one COPY, not one INSERT each.
+            async with cur.copy(f"COPY {b.name} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    await copy.write_row(row)
 
     async def set_owner(self, conn: AsyncConnection, blob_id: str, owner: str) -> None:
         sql, params = compile_stmt(update(record_blob).where(record_blob.c.id == blob_id).values(owner=owner))

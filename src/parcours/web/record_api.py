@@ -259,10 +259,9 @@ async def timeline_json(request: Request) -> Response:
     zoom = qp.get("zoom")
     if zoom is not None and zoom not in timeline.ZOOMS:
         raise BadRequest(f"zoom is one of {', '.join(timeline.ZOOMS)}")
-    async with platform.transaction(caller_of(request)) as repo:
-        evs = await timeline.events(repo, request.path_params["patient"], cats)
-    if zoom:
-        evs = timeline.in_window(evs, zoom, parse_day(qp.get("at"), platform.clock.now().date()))
+    at = parse_day(qp.get("at"), platform.clock.now().date()) if zoom else None
+    async with platform.reading(caller_of(request)) as repo:  # only reads: no transaction block
+        evs = await timeline.events(repo, request.path_params["patient"], cats, zoom=zoom, at=at)
     body = {"events": [{"when": e.when, "category": e.category, "reference": e.ref, "title": e.title, "status": e.status,
                         "detail": e.detail} for e in evs], "total": len(evs)}
     return Response(orjson.dumps(body), media_type="application/json")

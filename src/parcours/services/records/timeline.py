@@ -2,10 +2,13 @@
 
 Built from one ``Patient/$everything`` read through the caller's Repository, so the access
 policy decides what appears (a hidden document is not on a professional's timeline) and
-the read is audited once. Each resource becomes an :class:`Event` with the date that
+the read is audited once (``store.compartment.everything_rows``: one statement for every
+type, the JSON text only). Each resource becomes an :class:`Event` with the date that
 matters clinically (the encounter's start, the appointment's start, the document's date of
-care, the report's effective time...), a category and a short title; observations that a
-report lists are shown through that report.
+care, the report's effective time...: :data:`DATES`), a category and a short title;
+observations that a report the caller sees lists are shown through that report. Asked for
+one window (a year, a month, a day), the database returns only the resources with one of
+those dates near it, found in the date search rows, and the exact test is made here.
 
 The view zooms by year, month or day: :func:`window` gives the period around an anchor
 date, :func:`overview` counts events per sub-period and category for the chart above the list.
@@ -14,11 +17,14 @@ date, :func:`overview` counts events per sub-period and category for the chart a
 from __future__ import annotations
 
 import calendar
-from operator import attrgetter
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
+import orjson
+
+from parcours.store.compartment import DateFilter, everything_rows
 from parcours.store.repository import Repository
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -66,29 +72,38 @@ def text_of(cc: Any) -> str:
     return str(((cc.get("coding") or [{}])[0]).get("code") or "")
 
 
-def _start(r: dict, key: str) -> str | None:
-    p = r.get(key)
-    return p.get("start") if isinstance(p, dict) else None
-
-
-_WHEN = {
-    "Encounter": lambda r: _start(r, "period"),
-    "Appointment": lambda r: r.get("start"),
-    "DocumentReference": lambda r: _start(r.get("context") or {}, "period") or r.get("date"),
-    "DiagnosticReport": lambda r: r.get("effectiveDateTime") or _start(r, "effectivePeriod") or r.get("issued"),
-    "MedicationRequest": lambda r: r.get("authoredOn"),
-    "Condition": lambda r: r.get("onsetDateTime") or _start(r, "onsetPeriod") or r.get("recordedDate"),
-    "Immunization": lambda r: r.get("occurrenceDateTime") or r.get("recorded"),
-    "Procedure": lambda r: r.get("performedDateTime") or _start(r, "performedPeriod"),
-    "Flag": lambda r: _start(r, "period"),
-    "Communication": lambda r: r.get("sent") or r.get("received"),
+# The date that matters clinically, per type: the first of these paths that holds a string, and
+# the date search parameter that indexes it (None: no parameter does; the JSON key is looked for
+# instead). ``events`` with a window lets the database keep only resources with a date near it.
+DATES: dict[str, tuple[tuple[tuple[str, ...], str | None], ...]] = {
+    "Encounter": ((("period", "start"), "date"),),
+    "Appointment": ((("start",), "date"),),
+    "DocumentReference": ((("context", "period", "start"), "period"), (("date",), "date")),
+    "DiagnosticReport": ((("effectiveDateTime",), "date"), (("effectivePeriod", "start"), "date"), (("issued",), "issued")),
+    "Observation": ((("effectiveDateTime",), "date"), (("effectivePeriod", "start"), "date"), (("issued",), None)),
+    "MedicationRequest": ((("authoredOn",), "authoredon"),),
+    "Condition": ((("onsetDateTime",), "onset-date"), (("onsetPeriod", "start"), "onset-date"), (("recordedDate",), "recorded-date")),
+    "Immunization": ((("occurrenceDateTime",), "date"), (("recorded",), None)),
+    "Procedure": ((("performedDateTime",), "date"), (("performedPeriod", "start"), "date")),
+    "Flag": ((("period", "start"), "date"),),
+    "Communication": ((("sent",), "sent"), (("received",), "received")),
 }
-_WHEN["Observation"] = _WHEN["DiagnosticReport"]
+DATE_FILTERS = {t: DateFilter(tuple(dict.fromkeys(c for _, c in paths if c)), tuple(p[-1] for p, c in paths if c is None))
+                for t, paths in DATES.items()}
+# Observations a visible report lists are shown through that report.
+LISTED = {"Observation": ("DiagnosticReport", "result")}
+# Dates are indexed in UTC and shown as days in Paris: the database looks this much around a window.
+MARGIN = timedelta(days=2)
 
 
 def when_of(rtype: str, r: dict) -> str | None:
-    fn = _WHEN.get(rtype)
-    return fn(r) if fn else None
+    for path, _ in DATES.get(rtype, ()):
+        v: Any = r
+        for step in path:
+            v = v.get(step) if isinstance(v, dict) else None
+        if isinstance(v, str) and v:
+            return v
+    return None
 
 
 def title_of(rtype: str, r: dict) -> tuple[str, str]:
@@ -133,25 +148,27 @@ def day_of(when: str) -> date | None:
         return None
 
 
-async def events(repo: Repository, patient_id: str, categories: list[str] | None = None) -> list[Event]:
-    """Every event of the record the caller may see, newest first."""
+async def events(repo: Repository, patient_id: str, categories: list[str] | None = None, *, zoom: str | None = None,
+                 at: date | None = None) -> list[Event]:
+    """Every event of the record the caller may see, newest first; with ``zoom`` and ``at``,
+    only those of that window (the database reads only resources dated near it)."""
     wanted = [c for c in (categories or list(CATEGORIES)) if c in CATEGORIES]
     types = sorted({t for c in wanted for t in CATEGORIES[c]})
-    stored = await repo.everything(patient_id, types=types)
-    resources = [(s.resource_type, s.id, s.resource()) for s in stored if s.resource_type != "Patient"]
-    in_reports = {ref.get("reference") for rt, _, r in resources if rt == "DiagnosticReport" for ref in r.get("result") or []}
+    bounds = window(zoom, at) if zoom and at else None
+    near = (datetime.combine(bounds[0], datetime.min.time(), UTC) - MARGIN,
+            datetime.combine(bounds[1], datetime.min.time(), UTC) + MARGIN) if bounds else None
+    rows = await everything_rows(repo, patient_id, types, window=near, dates=DATE_FILTERS, listed=LISTED)
     out: list[Event] = []
-    for rtype, rid, r in resources:
-        if rtype == "Observation" and f"Observation/{rid}" in in_reports:
-            continue
+    for rtype, rid, content in rows:
+        r = orjson.loads(content)
         if r.get("status") == "entered-in-error" and rtype != "DocumentReference":
             continue
         when = when_of(rtype, r)
         day = day_of(when) if when else None
-        if day is None:
+        if day is None or (bounds and not bounds[0] <= day < bounds[1]):
             continue
         title, detail = title_of(rtype, r)
-        out.append(Event(str(when), day, CATEGORY_OF[rtype], rtype, rid, title or rtype, r.get("status"), detail))
+        out.append(Event(when, day, CATEGORY_OF[rtype], rtype, rid, title or rtype, r.get("status"), detail))
     out.sort(key=attrgetter("when", "rtype", "id"), reverse=True)
     return out
 
@@ -199,5 +216,5 @@ def in_window(evs: list[Event], zoom: str, at: date) -> list[Event]:
     return [e for e in evs if start <= e.day < end]
 
 
-__all__ = ["CATEGORIES", "Event", "ZOOMS", "day_of", "events", "in_window", "overview", "step", "text_of", "title_of", "when_of",
+__all__ = ["CATEGORIES", "DATES", "Event", "ZOOMS", "day_of", "events", "in_window", "overview", "step", "text_of", "title_of", "when_of",
            "window"]

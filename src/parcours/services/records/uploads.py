@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parcours.core.errors import MalwareDetected, ScannerUnavailable, TooLarge, UploadRejected
+from parcours.services.records import pdftext
 
 PDF, JPEG, PNG, CDA, TEXT = "application/pdf", "image/jpeg", "image/png", "application/hl7-cda+xml", "text/plain"
 ACCEPTED = (PDF, JPEG, PNG, CDA, TEXT)
@@ -123,19 +124,19 @@ _ESCAPED_NAME_RE = re.compile(rb"/[A-Za-z0-9]*#[0-9A-Fa-f]{2}(?:[A-Za-z0-9]|#[0-
 _DELIMITERS = b" \t\r\n\f\x00/<>[]()%"
 
 
+# Longest first: "/JS" must not stop the match of "/JavaScript" short.
+_ACTIVE_NAME_RE = re.compile(b"|".join(re.escape(n.encode()) for n in sorted(ACTIVE_PDF_NAMES, key=len, reverse=True)))
+
+
 def _pdf_names(data: bytes) -> set[str]:
     """The active-content names that appear in the file's bytes (plain or #-escaped).
-    Literal searches, not a regex over every name: the file may be megabytes of image data."""
+    One pass of a literal alternation (every name starts with "/"), not a regex over every
+    name nor one search per name: the file may be megabytes of image data."""
     out = set()
-    for name in ACTIVE_PDF_NAMES:
-        raw = name.encode()
-        i = data.find(raw)
-        while i >= 0:
-            end = i + len(raw)
-            if end >= len(data) or data[end] in _DELIMITERS:
-                out.add(name)
-                break
-            i = data.find(raw, end)
+    for m in _ACTIVE_NAME_RE.finditer(data):
+        end = m.end()
+        if end >= len(data) or data[end] in _DELIMITERS:
+            out.add(m.group(0).decode())
     if b"#" in data:
         for m in _ESCAPED_NAME_RE.finditer(data):
             decoded = re.sub(rb"#([0-9A-Fa-f]{2})", lambda x: bytes([int(x.group(1), 16)]), m.group(0)).decode("latin-1")
@@ -158,6 +159,11 @@ def pdf_text(data: bytes, max_pages: int = MAX_PAGES_READ) -> str | None:
     try:
         if len(doc) == 0:
             raise UploadRejected("The PDF has no page")
+        # PDFium opened the file and found its pages; plain generated PDFs are read
+        # from their content streams, without loading pages (pdftext), the others by PDFium.
+        simple = pdftext.simple_text(data, max_pages, len(doc))
+        if simple is not None:
+            return simple
         parts: list[str] = []
         size = 0
         for i in range(min(len(doc), max_pages)):
@@ -286,7 +292,7 @@ def _cda(data: bytes) -> Inspected:
 
 
 def _clean(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()[:MAX_TEXT]
+    return " ".join(text.split())[:MAX_TEXT]  # str.split and the regex \s+ split on the same (Unicode) spaces
 
 
 # -- malware scanning -------------------------------------------------------------------------------
