@@ -32,13 +32,13 @@ def words(text: str | None) -> str | None:
 
 
 def build_pdf(content: bytes, font: bytes = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
-              extra: list[bytes] | None = None, xobjects: bytes = b"") -> bytes:
+              extra: list[bytes] | None = None, xobjects: bytes = b"", stream_dict: bytes = b"") -> bytes:
     """A one-page PDF with a classic cross-reference table: catalog 1, pages 2, page 3, font 4,
     content 5, then ``extra`` objects from 6."""
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
                b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 5 0 R /Resources << /Font << /F1 4 0 R >> "
                + xobjects + b">> >>", font,
-               b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream", *(extra or [])]
+               b"<< /Length %d " % len(content) + stream_dict + b">>\nstream\n" + content + b"\nendstream", *(extra or [])]
     out = io.BytesIO()
     out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
@@ -127,3 +127,13 @@ def test_an_incremental_update_goes_to_pdfium() -> None:
     at = str(len(data)).encode()
     data += b"xref\n0 0\ntrailer\n<< /Size 9 /Root 5 0 R /Prev " + xref + b" >>\nstartxref\n" + at + b"\n%%EOF\n"
     assert pdftext.simple_text(data, 300, 1) is None
+
+
+def test_huge_content_goes_to_pdfium() -> None:
+    import zlib
+
+    flate = b"/Filter /FlateDecode "
+    huge = zlib.compress(b"BT /F1 12 Tf " + b"0 0 Td " * 200_000 + b"(fin) Tj ET")
+    assert pdftext.simple_text(build_pdf(huge, stream_dict=flate), 300, 1) is None  # more than 1 MiB once inflated
+    small = build_pdf(zlib.compress(b"BT /F1 12 Tf (court) Tj ET"), stream_dict=flate)
+    assert words(pdftext.simple_text(small, 300, 1)) == pdfium_text(small)[0] == "court"

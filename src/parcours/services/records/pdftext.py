@@ -13,7 +13,7 @@ It answers only when every part of the file it needs is of the plainest kind:
 * pages reached from the catalog through ``/Pages`` and ``/Kids`` (at most ``max_pages``,
   the same count as the caller's structure check);
 * content streams unfiltered or with ``/FlateDecode`` and ``/ASCII85Decode`` (no
-  predictor), each inflated up to a bound;
+  predictor), 1 MiB of them at most once inflated;
 * fonts that are simple (``Type1``, ``MMType1``, ``TrueType``) with no ``/ToUnicode`` and
   no ``/Differences``, encoded ``WinAnsiEncoding`` or ``MacRomanEncoding``, or a standard
   Latin font (Helvetica, Times, Courier) in its standard encoding for ASCII text;
@@ -31,7 +31,9 @@ import zlib
 from base64 import a85decode
 from typing import Any
 
-MAX_INFLATED = 16 * 1024 * 1024  # bytes of content streams per document
+# Bytes of content streams per document read here (generated letters hold a few KB a page); beyond,
+# PDFium reads the file: the token list of a huge stream would cost far more memory than PDFium.
+MAX_INFLATED = 1024 * 1024
 _WS = b" \t\r\n\f\x00"
 # Every token in one pass (findall, in C): a literal string (parentheses nested one level
 # deep at most: deeper, a lone "(" is left and the file goes to PDFium), a dictionary mark, a
