@@ -19,7 +19,11 @@ Measured:
   received within ``--drain`` seconds after the last send; target 0; ``duplicates``;
 * ``memory``: the server's resident memory before the clients connect and once they are all
   connected and idle; ``per_idle_connection_kb`` is the difference over the number of clients;
-* ``connect``: how long the clients took to connect and catch up; ``send_ms``: the POST itself.
+* ``connect``: how long the clients took to connect and catch up; ``send_ms``: the POST itself;
+* ``cpu``: while messages flow, the CPU of the server, of PostgreSQL, of the clients (this
+  process: a small HTTP/1.1 client and the websockets) and of everything else on the machine
+  (``other_pct``, in % of one core: other work makes the latencies those of a busy machine),
+  and the server's and PostgreSQL's CPU milliseconds per message (less sensitive to such load).
 
 Bounded in time (``--max-seconds``), loopback only. Example::
 
@@ -94,6 +98,60 @@ def rss_kb(pid: int) -> int:
             if ppid == pid:
                 total += _rss_one(int(d.name))
     return total
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, CPU ticks of the process and of its children that ended) of one process."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(f[1]), sum(int(x) for x in f[11:15])
+
+
+class CpuSplit:
+    """Where the machine's CPU went over a span: the server (and its workers), PostgreSQL
+    (the postmaster and its backends), this process (the clients), and everything else
+    (other work on the machine: then the figures are not those of a quiet machine)."""
+
+    def __init__(self, server_pid: int, postmaster_pid: int | None) -> None:
+        self.roots = {"server": server_pid, "postgresql": postmaster_pid}
+        self.start = self._now()
+
+    @staticmethod
+    def _busy() -> float:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(v) - v[3] - v[4]) / TICK
+
+    def _now(self) -> dict[str, float]:
+        stats = {int(d.name): s for d in Path("/proc").iterdir() if d.name.isdigit() and (s := _stat(int(d.name)))}
+        out = {"wall": time.perf_counter(), "busy": self._busy(), "clients": sum(os.times()[:4])}
+        for name, root in self.roots.items():
+            if root is not None and root in stats:
+                out[name] = (stats[root][1] + sum(t for ppid, t in stats.values() if ppid == root)) / TICK
+        return out
+
+    def stop(self) -> dict[str, float]:
+        end = self._now()
+        wall = end["wall"] - self.start["wall"]
+        used = {k: end[k] - self.start[k] for k in ("server", "postgresql", "clients") if k in end and k in self.start}
+        busy = end["busy"] - self.start["busy"]
+        out = {f"{k}_pct": round(100 * v / wall, 1) for k, v in used.items()}
+        out["other_pct"] = round(max(0.0, 100 * (busy - sum(used.values())) / wall), 1)
+        out["machine_busy_pct"] = round(100 * busy / wall, 1)
+        out["server_cpu_s"] = round(used.get("server", 0.0), 2)
+        out["postgresql_cpu_s"] = round(used.get("postgresql", 0.0), 2)
+        return out
+
+
+def postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        return int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def raise_nofile() -> None:
@@ -174,6 +232,50 @@ def start_server(uri: str, home: Path, port: int, pool: int, workers: int) -> su
 
 # -- clients ---------------------------------------------------------------------------------------------
 
+class Poster:
+    """A small HTTP/1.1 client: ``size`` kept-alive connections, one request at a time on each
+    (the load generator shares the machine with the server: it should cost little CPU)."""
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self.host, self.port = host, port
+        self.free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = asyncio.Queue()
+        for _ in range(size):
+            self.free.put_nowait(None)  # connected on first use
+        self.open: list[asyncio.StreamWriter] = []
+
+    async def post(self, path: str, body: bytes, token: str) -> tuple[int, bytes]:
+        conn = await self.free.get()
+        try:
+            request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAuthorization: Bearer {token}\r\n"
+                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+            for attempt in (1, 2):
+                if conn is None:
+                    conn = await asyncio.open_connection(self.host, self.port)
+                    self.open.append(conn[1])
+                    attempt = 2  # a new connection: no retry
+                reader, writer = conn
+                try:
+                    writer.write(request)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    break
+                except (OSError, asyncio.IncompleteReadError):
+                    conn = None  # the server closed an idle kept-alive connection: once more on a new one
+                    if attempt == 2:
+                        raise
+            lines = head.decode("latin-1").split("\r\n")
+            length = next((int(h.split(":", 1)[1]) for h in lines if h.lower().startswith("content-length:")), 0)
+            data = await reader.readexactly(length)
+            self.free.put_nowait(conn)
+            return int(lines[0].split()[1]), data
+        except BaseException:
+            self.free.put_nowait(None)  # a broken or abandoned connection: a new one next time
+            raise
+
+    async def close(self) -> None:
+        for w in self.open:
+            w.close()
+
+
 class Stats:
     def __init__(self) -> None:
         self.sent_at: dict[str, float] = {}  # nonce -> perf_counter before the POST
@@ -213,10 +315,7 @@ async def client(url: str, token: str, me: str, cid: str, stats: Stats, ready: a
                 stats.errors.append(str(e)[:200])
 
 
-async def run(args: argparse.Namespace, port: int, pairs: list[dict], server_pid: int) -> dict:
-    import httpx
-
-    base = f"http://127.0.0.1:{port}"
+async def run(args: argparse.Namespace, port: int, pairs: list[dict], server_pid: int, pg_pid: int | None) -> dict:
     url = f"ws://127.0.0.1:{port}/messages/ws"
     stats = Stats()
     stop = asyncio.Event()
@@ -244,8 +343,8 @@ async def run(args: argparse.Namespace, port: int, pairs: list[dict], server_pid
     out["server_rss_with_clients_mb"] = round(with_clients / 1024, 1)
     out["per_idle_connection_kb"] = round((with_clients - out["server_rss_idle_mb"] * 1024) / max(1, len(readies)), 1)
 
-    async with httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-                                 timeout=30) as http:
+    http = Poster("127.0.0.1", port, 64)
+    try:
         async def send_one(p: dict) -> None:
             side = random.choice(("pro", "patient"))
             nonce = uuid.uuid4().hex
@@ -253,16 +352,18 @@ async def run(args: argparse.Namespace, port: int, pairs: list[dict], server_pid
             t = time.perf_counter()
             stats.sent_at[nonce] = t
             try:
-                r = await http.post(f"/api/messaging/conversations/{p['conversation']}/messages",
-                                    json={"text": f"bench {nonce} bonjour"}, headers={"Authorization": f"Bearer {p[side + '_token']}"})
-                if r.status_code != 201:
-                    stats.send_errors.append(f"{r.status_code} {r.text[:200]}")
+                status, body = await asyncio.wait_for(http.post(
+                    f"/api/messaging/conversations/{p['conversation']}/messages",
+                    json.dumps({"text": f"bench {nonce} bonjour"}).encode(), p[side + "_token"]), timeout=60)
+                if status != 201:
+                    stats.send_errors.append(f"{status} {body[:200]!r}")
                     stats.sent_at.pop(nonce, None)
-            except httpx.HTTPError as e:
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
                 stats.send_errors.append(repr(e)[:200])
                 stats.sent_at.pop(nonce, None)
             stats.send_ms.append((time.perf_counter() - t) * 1000)
 
+        cpu = CpuSplit(server_pid, pg_pid)
         total = int(args.rate * args.seconds)
         sends: list[asyncio.Task] = []
         t_start = time.perf_counter()
@@ -274,11 +375,19 @@ async def run(args: argparse.Namespace, port: int, pairs: list[dict], server_pid
             sends.append(asyncio.create_task(send_one(random.choice(pairs))))
         await asyncio.gather(*sends)
         out["send_seconds"] = round(time.perf_counter() - t_start, 2)
+    finally:
+        await http.close()
     sent = [n for n in stats.sent_at]
     expected = {(n, stats.sender[n]) for n in sent} | {(n, other) for n in sent for other in _others(pairs, stats, n)}
     deadline = time.perf_counter() + args.drain
     while time.perf_counter() < deadline and not expected <= set(stats.received):
         await asyncio.sleep(0.1)
+    out["cpu"] = cpu.stop()
+    # Per message the server stored: a POST the client gave up on (timeout) may still have been.
+    sent_n = max(1, len(stats.sent_at.keys() | {nonce for nonce, _ in stats.received}))
+    out["cpu"]["messages_stored"] = sent_n
+    out["cpu"]["server_ms_per_message"] = round(1000 * out["cpu"]["server_cpu_s"] / sent_n, 2)
+    out["cpu"]["postgresql_ms_per_message"] = round(1000 * out["cpu"]["postgresql_cpu_s"] / sent_n, 2)
     stop.set()
     for t in tasks:
         t.cancel()
@@ -393,7 +502,7 @@ def main() -> None:
 
         async def bounded() -> dict:
             async with asyncio.timeout(max(60.0, args.max_seconds - (time.time() - started))):
-                return await run(args, port, pairs, proc.pid)
+                return await run(args, port, pairs, proc.pid, None if external else postmaster_pid(home / "pg" / "pgdata"))
 
         import uvloop
 

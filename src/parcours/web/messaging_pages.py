@@ -389,8 +389,10 @@ async def api_send(request: Request) -> Response:
         stored = await service.send(repo, cid, text=str(body.get("text") or ""),
                                     in_reply_to=str(body["in_reply_to"]) if body.get("in_reply_to") else None,
                                     max_attachment_bytes=_max(request))
-        row = (await store.messages_by_id(repo.conn, [stored.id]))[0]
-    return JSONResponse({"id": stored.id, "conversation": cid, "seq": row.seq, "sent": stored.resource().get("sent")}, 201)
+        seq = service.number_of(repo, stored.id)
+        if seq is None:
+            seq = (await store.messages_by_id(repo.conn, [stored.id]))[0].seq
+    return JSONResponse({"id": stored.id, "conversation": cid, "seq": seq, "sent": stored.resource().get("sent")}, 201)
 
 
 @_json_errors

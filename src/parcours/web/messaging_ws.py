@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,12 +66,14 @@ class SocketClient:
     """One open socket, as the messaging hub sees it."""
 
     def __init__(self, ws: WebSocket, *, key: str, account_id: str | None, caller: Caller, token: str | None,
-                 session_id: str | None, lang: str) -> None:
+                 session_id: str | None, lang: str, expires: float | None = None, jti: str | None = None) -> None:
         self.ws = ws
         self.key = key
         self.account_id = account_id
         self._caller = caller
         self._token = token
+        self._expires = expires  # a token's expiry (its signature was checked when the socket opened)
+        self._jti = jti
         self._session_id = session_id
         self.lang = lang
         self.html = False
@@ -80,10 +83,12 @@ class SocketClient:
         self.closed = False
 
     def caller(self) -> Caller:
+        """The socket's caller, its token still unexpired and not revoked (checked at each delivery)."""
         if self._token is not None:
-            app = self.ws.app
-            caller = tokens.verify(app.state.platform.token_key, self._token, revoked=app.state.smart.revoked)
-            return replace(caller, address=self.ws.client.host) if self.ws.client else caller
+            if self._expires is not None and time.time() >= self._expires:
+                raise Unauthorized("The bearer token has expired")
+            if self._jti is not None and self._jti in self.ws.app.state.smart.revoked:
+                raise Unauthorized("The bearer token was revoked")
         return self._caller
 
     async def still_valid(self) -> bool:
@@ -151,10 +156,15 @@ async def _authenticate(ws: WebSocket) -> SocketClient | None:
                           accept_language=ws.headers.get("accept-language"))
     if token:
         caller = tokens.verify(platform.token_key, token, revoked=ws.app.state.smart.revoked)
+        claims = tokens.decode(platform.token_key, token)
+        if ws.client:
+            caller = replace(caller, address=ws.client.host)
         if ws.query_params.get("lang") in i18n.SUPPORTED:
             lang = ws.query_params["lang"]
+        exp, jti = claims.get("exp"), claims.get("jti")
         return SocketClient(ws, key=socket_key("token", token), account_id=caller.user_id, caller=caller, token=token,
-                            session_id=None, lang=lang)
+                            session_id=None, lang=lang, expires=float(exp) if isinstance(exp, (int, float)) else None,
+                            jti=jti if isinstance(jti, str) else None)
     cookie = ws.cookies.get(cookie_name(platform.settings))
     if not cookie or not _same_origin(ws):
         return None

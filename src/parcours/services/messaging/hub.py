@@ -29,6 +29,7 @@ e-mail notices) is refreshed in ``messaging_presence``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -42,20 +43,29 @@ from typing import Any, Protocol
 import orjson
 import psycopg
 from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
 from parcours.core.errors import ParcoursError
 from parcours.events.bus import ChangeFeed, FeedOverrun
 from parcours.events.log import Change
 from parcours.security.caller import Caller
+from parcours.security.policy import CareContext
 from parcours.services.messaging import service
 from parcours.services.messaging.service import MessageView
 from parcours.services.platform import Platform
+from parcours.store import care, db
 from parcours.store import messaging as store
+from parcours.store.repository import Repository
 
 log = logging.getLogger(__name__)
 
 SESSION_RECHECK = 20.0  # seconds between two checks that a web session is still open
 MAX_CURSORS = 50  # conversations one hello may catch up
+BATCH = 16  # clients whose deliveries one transaction reads (each through its own Repository)
+CARE_TTL = 300.0  # seconds a caller's care context serves deliveries when no change could have altered it
+# What a care context is read from (``store.care.load``): a change to one of these, seen in the
+# change feed before the messages committed after it, makes every cached context stale.
+CARE_TYPES = frozenset({t for t, *_ in care.RELATIONSHIPS} | {"Consent", "PractitionerRole", "RelatedPerson"})
 
 
 class Socket(Protocol):
@@ -94,11 +104,12 @@ class Client:
     me: list[str]  # participant references
     sockets: set[Socket] = field(default_factory=set)
     checked_at: float = field(default_factory=time.monotonic)
-    # Waiting to be delivered: one task per client drains them in order, many at a time
-    # (one Repository, one care context) when they come faster than they are delivered.
+    # Waiting to be delivered, in order: a delivery worker takes them all at once (one
+    # Repository) when they come faster than they are delivered; one worker at a time per client.
     pending: list[store.MessageRow] = field(default_factory=list)
     pending_conversations: list[str] = field(default_factory=list)
-    draining: bool = False
+    queued: bool = False  # in the hub's queue of clients with deliveries waiting
+    busy: bool = False  # a worker is delivering to it
 
     def any_socket(self) -> Socket | None:
         return next(iter(self.sockets), None)
@@ -116,11 +127,22 @@ class Hub:
         self._listening = asyncio.Event()
         self._presence_wake = asyncio.Event()
         self._gate = asyncio.Semaphore(concurrency or max(2, platform.settings.db_pool_size - 2))
+        self._ready: collections.deque[Client] = collections.deque()  # clients with deliveries waiting
+        self._workers = 0
+        # The hub's own connections for live deliveries: they never queue behind requests for the
+        # pool, and as many delivery workers read at once as half the requests can write.
+        self._connections = max(3, platform.settings.db_pool_size // 2)
+        self._pool: AsyncConnectionPool | None = None
+        # Care contexts of the callers delivered to: (generation, when read, context). The
+        # generation changes with every feed batch that touches what they are read from.
+        self._care: dict[tuple[str, str], tuple[int, float, CareContext]] = {}
+        self._care_generation = 0
         self.delivered = 0  # messages handed to sockets (diagnostics, benchmark)
 
     @classmethod
     async def start(cls, platform: Platform, feed: ChangeFeed, **kw: Any) -> "Hub":
         hub = cls(platform, feed, **kw)
+        hub._pool = await db.open_pool(platform.uri, hub._connections)
         hub._tasks = [asyncio.create_task(hub._run(), name="parcours-messaging-feed"),
                       asyncio.create_task(hub._listen(), name="parcours-messaging-receipts"),
                       asyncio.create_task(hub._presence_loop(), name="parcours-messaging-presence")]
@@ -138,6 +160,8 @@ class Hub:
         with contextlib.suppress(Exception):
             async with self.platform.pool.connection() as conn, conn.transaction():
                 await store.clear_presence(conn, self.node)
+        if self._pool is not None:
+            await self._pool.close()
 
     # -- sockets -----------------------------------------------------------------------------------
     @property
@@ -169,6 +193,7 @@ class Hub:
         client.sockets.discard(sock)
         if not client.sockets:
             del self._clients[sock.key]
+            client.pending, client.pending_conversations = [], []
             for ref in client.me:
                 group = self._by_ref.get(ref)
                 if group is not None:
@@ -250,6 +275,9 @@ class Hub:
                     await s.deliver({"type": "resync"})
 
     async def dispatch(self, batch: list[Change]) -> None:
+        if any(c.resource_type in CARE_TYPES for c in batch):
+            self._care_generation += 1  # before any message committed after these changes is read
+            self._care.clear()
         ids = list(dict.fromkeys(c.id for c in batch if c.resource_type == "Communication" and not c.deleted))
         if not ids or not self._clients:
             return
@@ -272,56 +300,109 @@ class Hub:
         for client, msgs, convs in work.values():
             client.pending += msgs
             client.pending_conversations += convs
-            if not client.draining:
-                client.draining = True
-                task = asyncio.create_task(self._drain(client), name="parcours-messaging-deliver")
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+            self._enqueue(client)
+        self._start_workers()
 
-    async def _drain(self, client: Client) -> None:
+    def _enqueue(self, client: Client) -> None:
+        if not client.queued and not client.busy and (client.pending or client.pending_conversations):
+            client.queued = True
+            self._ready.append(client)
+
+    def _start_workers(self) -> None:
+        while self._ready and self._workers < self._connections:
+            self._workers += 1
+            task = asyncio.create_task(self._work(), name="parcours-messaging-deliver")
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _work(self) -> None:
+        """Deliver to the clients waiting, a batch of them per transaction, until none wait."""
         try:
-            while client.pending or client.pending_conversations:
-                rows, convs = client.pending, client.pending_conversations
-                client.pending, client.pending_conversations = [], []
+            while self._ready:
+                batch: list[tuple[Client, list[store.MessageRow], list[str]]] = []
+                while self._ready and len(batch) < BATCH:
+                    client = self._ready.popleft()
+                    client.queued = False
+                    if client.sockets:
+                        client.busy = True
+                        batch.append((client, client.pending, client.pending_conversations))
+                        client.pending, client.pending_conversations = [], []
+                if not batch:
+                    continue
                 try:
-                    await self._deliver(client, rows, convs)
+                    await self._deliver_batch(batch)
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - a database hiccup: the client catches up from its cursor
-                    log.exception("Messaging hub: delivering %d messages failed; the client resynchronises", len(rows))
-                    for sock in list(client.sockets):
-                        with contextlib.suppress(Exception):
-                            await sock.deliver({"type": "resync"})
+                except Exception:  # noqa: BLE001 - a database hiccup: the clients catch up from their cursors
+                    log.exception("Messaging hub: delivering to %d clients failed; they resynchronise", len(batch))
+                    for client, _, _ in batch:
+                        for sock in list(client.sockets):
+                            with contextlib.suppress(Exception):
+                                await sock.deliver({"type": "resync"})
+                finally:
+                    for client, _, _ in batch:
+                        client.busy = False
+                        self._enqueue(client)
         finally:
-            client.draining = False
+            self._workers -= 1
+            if self._ready:
+                self._start_workers()
 
-    async def _deliver(self, client: Client, rows: list[store.MessageRow], conversations: list[str]) -> None:
-        caller = await self._caller_of(client)
-        if caller is None:
+    async def _deliver_batch(self, batch: list[tuple[Client, list[store.MessageRow], list[str]]]) -> None:
+        """One transaction reads the messages of many clients, each through its own caller's
+        Repository (access policy, audit); the frames go out once it has committed."""
+        callers = [(client, rows, convs, caller) for client, rows, convs in batch
+                   if (caller := await self._caller_of(client)) is not None]
+        if not callers:
             return
+        out: list[tuple[Client, list[tuple[dict, MessageView | None]]]] = []
+        async with (self._pool or self.platform.pool).connection() as conn, conn.transaction():
+            for client, rows, convs, caller in callers:
+                repo = await self._repository(conn, caller)
+                out.append((client, await self._read(repo, rows, convs)))
+        for client, events in out:
+            for sock in list(client.sockets):
+                try:
+                    for event, view in events:
+                        await sock.deliver(event, view)
+                except Exception:  # noqa: BLE001 - a socket that went away
+                    self.detach(sock)
+            self.delivered += sum(1 for e, _ in events if e["type"] == "message")
+
+    async def _repository(self, conn: AsyncConnection, caller: Caller) -> Repository:
+        """The caller's Repository, with the care context it had at its last delivery when no
+        change that could alter it has been seen since (else read anew, and kept)."""
+        repo = self.platform.repository(conn, caller)
+        key = (caller.kind, caller.fhir_user or "")
+        generation, now = self._care_generation, time.monotonic()
+        cached = self._care.get(key)
+        if cached is not None and cached[0] == generation and now - cached[1] < CARE_TTL:
+            repo._care = cached[2]  # noqa: SLF001 - the context Repository.care() would read again
+        elif caller.fhir_user:
+            ctx = await repo.care()
+            if generation == self._care_generation:
+                self._care[key] = (generation, now, ctx)
+        return repo
+
+    @staticmethod
+    async def _read(repo: Repository, rows: list[store.MessageRow], conversations: list[str]
+                    ) -> list[tuple[dict, MessageView | None]]:
+        me = [repo.caller.fhir_user or ""]
         events: list[tuple[dict, MessageView | None]] = []
-        async with self._gate, self.platform.pool.connection() as conn, conn.transaction():
-            repo = self.platform.repository(conn, caller)
-            for r in rows:
-                try:
-                    stored = await repo.read("Communication", r.message_id)
-                except ParcoursError:
-                    continue  # not (or no longer) allowed to see it: not delivered
-                view = service.view_of(r, stored.resource())
-                events.append((message_event(r.conversation_id, view, [caller.fhir_user or ""]), view))
-            for cid in conversations:
-                try:
-                    await repo.read("Communication", cid)
-                except ParcoursError:
-                    continue
-                events.append(({"type": "conversation", "conversation": cid}, None))
-        for sock in list(client.sockets):
+        for r in rows:
             try:
-                for event, view in events:
-                    await sock.deliver(event, view)
-            except Exception:  # noqa: BLE001 - a socket that went away
-                self.detach(sock)
-        self.delivered += sum(1 for e, _ in events if e["type"] == "message")
+                stored = await repo.read("Communication", r.message_id)
+            except ParcoursError:
+                continue  # not (or no longer) allowed to see it: not delivered
+            view = service.view_of(r, stored.resource())
+            events.append((message_event(r.conversation_id, view, me), view))
+        for cid in conversations:
+            try:
+                await repo.read("Communication", cid)
+            except ParcoursError:
+                continue
+            events.append(({"type": "conversation", "conversation": cid}, None))
+        return events
 
     # -- read receipts ---------------------------------------------------------------------------------
     async def _listen(self) -> None:
@@ -367,6 +448,9 @@ class Hub:
                 async with asyncio.timeout(every):
                     await self._presence_wake.wait()
             self._presence_wake.clear()
+            now = time.monotonic()
+            for key in [k for k, (_, at, _) in self._care.items() if now - at >= CARE_TTL]:
+                del self._care[key]
             counts: dict[str, int] = {}
             for client in self._clients.values():
                 for s in client.sockets:

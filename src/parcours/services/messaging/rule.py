@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from parcours.core.errors import Forbidden, Unprocessable
 from parcours.core.settings import Settings
@@ -41,6 +42,27 @@ from parcours.store import messaging as store
 
 if TYPE_CHECKING:
     from parcours.store.repository import Repository
+
+
+# What one transaction (one Repository) already read or numbered: the conversation a message
+# is sent in (its messaging row, read by the service to build the message) and the numbers
+# the rule gave new messages, so that neither is read twice.
+_seen: WeakKeyDictionary[Repository, dict[str, store.Conversation | int]] = WeakKeyDictionary()
+
+
+def remember_conversation(repo: Repository, conv: store.Conversation) -> None:
+    _seen.setdefault(repo, {})[f"conversation:{conv.id}"] = conv
+
+
+def number_of(repo: Repository, message_id: str) -> int | None:
+    """The number this transaction gave a new message (None: it numbered no such message)."""
+    seq = _seen.get(repo, {}).get(f"seq:{message_id}")
+    return seq if isinstance(seq, int) else None
+
+
+async def _conversation(repo: Repository, cid: str) -> store.Conversation | None:
+    conv = _seen.get(repo, {}).get(f"conversation:{cid}")
+    return conv if isinstance(conv, store.Conversation) else await store.get_conversation(repo.conn, cid)
 
 
 class MessagingRule:
@@ -144,7 +166,7 @@ class MessagingRule:
 
     async def _check_message(self, repo: Repository, rid: str, resource: dict) -> store.Conversation:
         cid = model.conversation_of(resource)
-        conv = await store.get_conversation(repo.conn, cid) if cid else None
+        conv = await _conversation(repo, cid) if cid else None
         if conv is None or len(model.part_of(resource)) != 1:
             raise Unprocessable("A message is part of one conversation (partOf a conversation's Communication)")
         participants = list(conv.participants)
@@ -212,13 +234,15 @@ class MessagingRule:
                                           names=model.names(resource))
             return
         cid = model.conversation_of(resource) or ""
-        conv = conv or await store.get_conversation(repo.conn, cid)
+        conv = conv or await _conversation(repo, cid)
         if conv is None:
             raise Unprocessable("A message is part of one conversation (partOf a conversation's Communication)")
         sender = model.sender(resource) or ""
         me = sender if sender in conv.participants else next(iter(model.patient_of(list(conv.participants))), sender)
-        await store.add_message(repo.conn, cid, rid, sender=sender, sender_participant=me, sent_at=now,
-                                notify=[p for p in conv.participants if p != me])
+        seq = await store.add_message(repo.conn, cid, rid, sender=sender, sender_participant=me, sent_at=now,
+                                      notify=[p for p in conv.participants if p != me])
+        if seq is not None:
+            _seen.setdefault(repo, {})[f"seq:{rid}"] = seq
 
 
 async def accepts_patient_messages(repo: Repository, pro: str) -> bool:

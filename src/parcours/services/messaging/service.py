@@ -21,7 +21,7 @@ from typing import Any
 
 from parcours.core.errors import BadRequest, Forbidden, Gone, NotFound, ParcoursError
 from parcours.fhir import fr_core
-from parcours.services.messaging import attachments, model
+from parcours.services.messaging import attachments, model, rule
 from parcours.store import messaging as store
 from parcours.store.repository import Repository, Stored
 
@@ -157,6 +157,11 @@ async def start_conversation(repo: Repository, *, to: Sequence[str], topic: str,
     return Started(created, first)
 
 
+def number_of(repo: Repository, message_id: str) -> int | None:
+    """The number of a message this Repository's transaction sent (None: it sent no such message)."""
+    return rule.number_of(repo, message_id)
+
+
 async def send(repo: Repository, conversation_id: str, *, text: str = "", uploads: Sequence[Upload] = (),
                in_reply_to: str | None = None, header: dict | None = None, max_attachment_bytes: int) -> Stored:
     """Post a message in a conversation the caller takes part in. What the message repeats of
@@ -187,6 +192,7 @@ async def _header_of(repo: Repository, conversation_id: str) -> dict:
     conv = await store.get_conversation(repo.conn, conversation_id)
     if conv is None or not set(await me(repo)) & set(conv.participants):
         raise NotFound(f"No conversation {conversation_id} of yours")
+    rule.remember_conversation(repo, conv)  # the write rule checks the message against it
     header: dict[str, Any] = {"category": model.category(model.CONVERSATION), "topic": {"text": conv.topic},
                               "recipient": [{"reference": p, **({"display": conv.names[p]} if conv.names.get(p) else {})}
                                             for p in conv.participants]}
@@ -447,7 +453,6 @@ async def find_professionals(repo: Repository, query: str, *, limit: int = 20) -
 
 async def _mark_reachable(repo: Repository, candidates: list[Candidate]) -> None:
     from parcours.security.caller import Caller
-    from parcours.services.messaging.rule import accepts_patient_messages
     from parcours.store import care
 
     patients = await me(repo)
@@ -455,7 +460,7 @@ async def _mark_reachable(repo: Repository, candidates: list[Candidate]) -> None
     for c in candidates:
         ctx = await care.load(repo.conn, Caller(kind="practitioner", fhir_user=c.reference), now)
         blocked = bool(set(patients) & ctx.blocked_by)
-        c.reachable = not blocked and (bool(set(patients) & ctx.patients) or await accepts_patient_messages(repo, c.reference))
+        c.reachable = not blocked and (bool(set(patients) & ctx.patients) or await rule.accepts_patient_messages(repo, c.reference))
 
 
 async def my_professionals(repo: Repository) -> list[Candidate]:
@@ -486,9 +491,7 @@ async def my_patients(repo: Repository, query: str, *, limit: int = 20) -> list[
 
 
 async def accepts_patients(repo: Repository) -> bool:
-    from parcours.services.messaging.rule import accepts_patient_messages
-
-    return bool(repo.caller.fhir_user) and await accepts_patient_messages(repo, repo.caller.fhir_user or "")
+    return bool(repo.caller.fhir_user) and await rule.accepts_patient_messages(repo, repo.caller.fhir_user or "")
 
 
 async def set_accepts_patients(repo: Repository, accepts: bool) -> int:
@@ -506,5 +509,5 @@ async def set_accepts_patients(repo: Repository, accepts: bool) -> int:
 
 __all__ = ["Candidate", "ConversationView", "File", "Gone", "Hit", "InboxItem", "MessageView", "Started", "Upload",
            "accepts_patients", "attachment", "conversation", "display_names", "file_into_record", "find_professionals", "inbox",
-           "mark_read", "me", "messages_after", "mute", "my_patients", "my_professionals", "search", "send", "set_accepts_patients",
+           "mark_read", "me", "messages_after", "mute", "my_patients", "number_of", "my_professionals", "search", "send", "set_accepts_patients",
            "start_conversation", "unread_total", "view_of"]
