@@ -171,12 +171,16 @@ async def seal(conn: AsyncConnection, batch: int = 5000) -> int:
         got = await (await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_SEAL_LOCK,))).fetchone()
         if not got or not got[0]:
             return 0
-        last = await (await conn.execute("SELECT position, chain FROM audit_seal ORDER BY position DESC LIMIT 1")).fetchone()
+        last = await (await conn.execute(
+            "SELECT position, chain, xid, seq FROM audit_seal ORDER BY position DESC LIMIT 1")).fetchone()
         position, chain = (last[0], bytes(last[1])) if last else (0, _GENESIS)
+        # The entries after the last seal in seal order (index audit_log_seal_order, revision
+        # 0015): those of transactions that can no longer be preceded by another.
+        after = "(a.xid::xid8, a.seq) > (%s::xid8, %s) AND " if last else ""
         rows = await (await conn.execute(
-            _SELECT + " a WHERE NOT EXISTS (SELECT 1 FROM audit_seal s WHERE s.seq = a.seq) "
-            "AND a.xid::xid8 < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY a.xid::xid8, a.seq LIMIT %s",
-            (batch,),
+            _SELECT + f" a WHERE {after}a.xid::xid8 < pg_snapshot_xmin(pg_current_snapshot()) "
+            "ORDER BY a.xid::xid8, a.seq LIMIT %s",
+            ((last[2], last[3], batch) if last else (batch,)),
         )).fetchall()
         out = []
         for row in rows:
