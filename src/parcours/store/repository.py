@@ -262,6 +262,11 @@ class Repository:
         if not d.allowed:
             raise Forbidden(d.reason)
 
+    def use_care(self, ctx: CareContext) -> None:
+        """Take the caller's care relationships as already known (a long-lived connection, such
+        as the messaging hub, that keeps them until the change feed shows they changed)."""
+        self._care = ctx
+
     async def care(self) -> CareContext:
         """The caller's care relationships, read once per Repository (one request)."""
         if self._care is None:

@@ -62,7 +62,10 @@ log = logging.getLogger(__name__)
 SESSION_RECHECK = 20.0  # seconds between two checks that a web session is still open
 MAX_CURSORS = 50  # conversations one hello may catch up
 BATCH = 16  # clients whose deliveries one transaction reads (each through its own Repository)
-CARE_TTL = 300.0  # seconds a caller's care context serves deliveries when no change could have altered it
+# Seconds a caller's care context serves deliveries when no change could have altered it; it
+# bounds how late a relationship that ends with time alone (no write) is seen to end. Contexts
+# with emergency access, which ends at a set time, are not kept.
+CARE_TTL = 60.0
 # What a care context is read from (``store.care.load``): a change to one of these, seen in the
 # change feed before the messages committed after it, makes every cached context stale.
 CARE_TYPES = frozenset({t for t, *_ in care.RELATIONSHIPS} | {"Consent", "PractitionerRole", "RelatedPerson"})
@@ -377,10 +380,10 @@ class Hub:
         generation, now = self._care_generation, time.monotonic()
         cached = self._care.get(key)
         if cached is not None and cached[0] == generation and now - cached[1] < CARE_TTL:
-            repo._care = cached[2]  # noqa: SLF001 - the context Repository.care() would read again
+            repo.use_care(cached[2])  # the context Repository.care() would read again
         elif caller.fhir_user:
             ctx = await repo.care()
-            if generation == self._care_generation:
+            if generation == self._care_generation and not ctx.emergency:
                 self._care[key] = (generation, now, ctx)
         return repo
 
