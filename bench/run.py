@@ -804,7 +804,9 @@ def main() -> int:
     if args.only_domains is not None:
         for d in wanted:
             domains.run(d, outdir, args.quick, log)
-        fhir_runs = sorted((p.parent for p in (BENCH / "out").glob("*/context.json")), key=lambda p: p.name)
+        fhir_runs = sorted((p.parent for p in (BENCH / "out").glob("*/context.json")
+                            if json.loads(p.read_text()).get("scale", 1.0) >= 1.0 and json.loads(p.read_text()).get("runs", 3) > 1),
+                           key=lambda p: p.name)  # full runs only: a --quick run is no report
         if report_path and fhir_runs:
             return report_from(fhir_runs[-1], report_path, args.note)
         if report_path:
