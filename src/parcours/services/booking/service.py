@@ -110,12 +110,24 @@ async def find(repo: Repository, q: SlotQuery) -> list[Stored]:
     actors = [f"PractitionerRole/{r}" for r in q.roles]
     if q.practitioner:
         actors.append(f"Practitioner/{q.practitioner}")
-    if actors:
-        items.append(("schedule.actor", ",".join(actors)))
-    if q.location:
-        items.append(("schedule.actor", f"Location/{q.location}"))
-    if q.schedules:
-        items.append(("schedule", ",".join(f"Schedule/{s}" for s in q.schedules)))
+    # The agendas first (``schedule.actor`` resolved to Schedule ids, each group of actors an
+    # AND criterion as in the chained search): the Slot search is then on a few schedules'
+    # rows, whatever the number of slots, instead of walking every future slot in start
+    # order until the page fills (a role with few free slots among millions).
+    schedules: set[str] | None = set(q.schedules) if q.schedules else None
+    for group in (actors, [f"Location/{q.location}"] if q.location else []):
+        if not group:
+            continue
+        res = await repo.search(repo.parse_search("Schedule", [("actor", ",".join(group)), ("_elements", "id"), ("_count", "500")]))
+        if res.has_more:  # more agendas than a page: the chained search itself
+            items.append(("schedule.actor", ",".join(group)))
+            continue
+        found = {m.id for m in res.matches}
+        schedules = found if schedules is None else schedules & found
+    if schedules is not None:
+        if not schedules:
+            return []
+        items.append(("schedule", ",".join(f"Schedule/{s}" for s in sorted(schedules))))
     if q.offer:
         items.append(("service-type", f"{nomenclatures().care_offers.system}|{q.offer}"))
     if q.mode:
