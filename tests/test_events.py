@@ -71,18 +71,22 @@ async def test_one_notification_per_committed_transaction(platform: Platform) ->
     async with await psycopg.AsyncConnection.connect(platform.uri, autocommit=True) as listener:
         await listener.execute(f"LISTEN {CHANGES_CHANNEL}")
         await listener.execute(f"LISTEN {marker}")
+        before = (await (await listener.execute("SELECT coalesce(max(seq), 0) FROM resource_log")).fetchone())[0]
         async with platform.transaction(SYSTEM) as repo:
             for _ in range(3):
                 await repo.create("Patient", patient(uniq()))
         async with platform.pool.connection() as conn:
             await conn.execute(f"NOTIFY {marker}")  # committed after the writes: arrives after their notification
+            # Other writers of this database (background jobs) may commit meanwhile: each adds at most one.
+            others = (await (await conn.execute("SELECT count(*) FROM resource_log WHERE seq > %s", (before,))).fetchone())[0] - 3
         channels: list[str] = []
         async with asyncio.timeout(TIMEOUT):
             async for n in listener.notifies():
                 channels.append(n.channel)
                 if n.channel == marker:
                     break
-        assert channels == [CHANGES_CHANNEL, marker]
+        assert channels[-1] == marker and CHANGES_CHANNEL in channels
+        assert channels.count(CHANGES_CHANNEL) <= 1 + others, (channels, others)
 
 
 # -- the feed ------------------------------------------------------------------------------
