@@ -81,26 +81,25 @@ TABLES = (booking_claim, booking_job, booking_feed)
 # The next ``per`` free slots of each schedule: one range scan of booking_free_slot_next per
 # schedule (LATERAL ... ORDER BY start LIMIT), then the Slot rows by primary key.
 _NEXT_FREE = """
-SELECT f.schedule_id, s.id, s.content
+SELECT f.schedule_id, f.slot_id
 FROM unnest(%(schedules)s::text[]) AS x(schedule_id)
 CROSS JOIN LATERAL (
     SELECT b.slot_id, b.schedule_id, b.start FROM booking_free_slot b
     WHERE b.schedule_id = x.schedule_id AND b.start >= %(after)s
     ORDER BY b.start LIMIT %(per)s
 ) f
-JOIN "Slot" s ON s.id = f.slot_id AND NOT s.deleted
-ORDER BY f.start, s.id
+ORDER BY f.start, f.slot_id
 """
 
 
-async def next_free_slots(conn: AsyncConnection, schedule_ids: list[str], after: datetime, per: int) -> list[tuple[str, str, str]]:
-    """(schedule id, slot id, slot JSON) of the next ``per`` free slots of each schedule that
-    start at ``after`` or later, soonest first. Slots are readable by every signed-in user:
-    callers go through the Repository's policy for the Schedules first."""
+async def next_free_slots(conn: AsyncConnection, schedule_ids: list[str], after: datetime, per: int) -> list[tuple[str, str]]:
+    """(schedule id, slot id) of the next ``per`` free slots of each schedule that start at
+    ``after`` or later, soonest first. Ids only, no policy: the caller reads the Slots
+    through its Repository."""
     if not schedule_ids:
         return []
     cur = await conn.execute(_NEXT_FREE, {"schedules": sorted(set(schedule_ids)), "after": after, "per": per})
-    return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+    return [(r[0], r[1]) for r in await cur.fetchall()]
 
 
 async def _run(conn: AsyncConnection, stmt: Any) -> Any:

@@ -1,7 +1,7 @@
 """Booking's ``SlotsHook`` for the directory search: the next free slots of each role on the page.
 
 The roles' Schedules are found with a FHIR search through the caller's Repository (its
-policy applies); their next free slots come from ``booking_free_slot`` (revision
+policy applies); the ids of their next free slots come from ``booking_free_slot`` (revision
 ``0014_booking_search``): one btree range scan per schedule, ``ORDER BY start LIMIT 3``,
 whatever the size of the directory or the length of the horizon. It holds exactly the
 Slots a ``Slot?schedule=...&status=free&start=ge<now>&_sort=start`` search returns.
@@ -9,7 +9,6 @@ Slots a ``Slot?schedule=...&status=free&start=ge<now>&_sort=start`` search retur
 
 from __future__ import annotations
 
-import orjson
 
 from parcours.services.booking import model
 from parcours.services.directory.search import DirectoryHit
@@ -28,16 +27,22 @@ class NextSlots:
     async def __call__(self, repo: Repository, hits: list[DirectoryHit]) -> None:
         if not hits:
             return
-        repo.authorize("search", "Slot")  # Slots are read below without the search engine
         now = repo.clock.now()
         found: dict[str, list[tuple[str, str, dict]]] = {h.role.id: [] for h in hits}
         scheds = await repo.search(repo.parse_search("Schedule", [
             ("actor", ",".join(f"PractitionerRole/{r}" for r in found)), ("active", "true"), ("_count", "500")]))
         role_of = {s.id: model.actor_id(s.resource(), "PractitionerRole") for s in scheds.matches}
         role_of = {sid: r for sid, r in role_of.items() if r in found}
-        for sched_id, slot_id, content in await store.next_free_slots(repo.conn, list(role_of), now, self.per_role):
-            slot = orjson.loads(content)
-            found[role_of[sched_id]].append((slot["start"], slot_id, slot))
+        # The free-slot index picks the ids; the Slots themselves are read through the
+        # Repository (policy and audit), deleted ones left out by it.
+        picked = await store.next_free_slots(repo.conn, list(role_of), now, self.per_role)
+        slots = {}
+        if picked:
+            res = await repo.search(repo.parse_search("Slot", [("_id", ",".join(sid for _, sid in picked)), ("_count", str(len(picked)))]))
+            slots = {m.id: m.resource() for m in res.matches}
+        for sched_id, slot_id in picked:
+            if (slot := slots.get(slot_id)) is not None:
+                found[role_of[sched_id]].append((slot["start"], slot_id, slot))
         for h in hits:
             best = sorted(found[h.role.id], key=lambda x: (model.slot_start(x[2]), x[1]))[: self.per_role]
             h.next_slots = [{"id": sid, "start": slot["start"], "end": slot["end"], "offer": model.slot_visit(slot).offer,
