@@ -804,9 +804,11 @@ def main() -> int:
     if args.only_domains is not None:
         for d in wanted:
             domains.run(d, outdir, args.quick, log)
-        fhir_runs = sorted((p.parent for p in (BENCH / "out").glob("*/context.json")
-                            if json.loads(p.read_text()).get("scale", 1.0) >= 1.0 and json.loads(p.read_text()).get("runs", 3) > 1),
-                           key=lambda p: p.name)  # full runs only: a --quick run is no report
+        def full_run(ctx: dict) -> bool:  # a --quick run (1 run, scale 0.25) is no report
+            return ctx.get("scale", 1.0) >= 1.0 and ctx.get("runs", 3) > 1
+
+        fhir_runs = sorted((p.parent for p in (BENCH / "out").glob("*/context.json") if full_run(json.loads(p.read_text()))),
+                           key=lambda p: p.name)
         if report_path and fhir_runs:
             return report_from(fhir_runs[-1], report_path, args.note)
         if report_path:

@@ -155,7 +155,6 @@ async def request_opinion(platform: Platform, repo: Repository, *, patient: str,
                           organization: str | None = None) -> str:
     """To a named ``expert`` (Practitioner or PractitionerRole) or to the pool of a ``specialty``
     (TRE_R38 code), optionally only its members working for ``organization``. Returns the Task id."""
-    """Returns the Task id."""
     me = repo.caller.fhir_user
     if repo.caller.kind != "practitioner" or not me:
         raise Forbidden("Only professionals ask for a tele-expertise")
